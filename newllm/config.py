@@ -1,0 +1,108 @@
+"""TrainConfig: every setting of one New-LLM training run, validated once.
+
+Field names are the seed's command-line names with underscores (``--context-dim`` is
+``context_dim``). The single-run CLI builds its flags from these fields, a search space
+names them as keys, and a trial's config is ``TrainConfig(**params)``: one vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from newllm.model import ARCHITECTURES, ModelConfig
+
+PHASE1_MODES = ("exact", "parallel")
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model architecture
+    architecture: str = _f("residual", "context update: residual (seed 002) or gated (seed 000)", choices=ARCHITECTURES)
+    context_dim: int = _f(256, "context vector dimension C")
+    embed_dim: int = _f(256, "token embedding dimension E")
+    hidden_dim: int = _f(512, "hidden layer dimension H (residual needs H == C + E)")
+    num_layers: int = _f(4, "number of context-update layers")
+    # Phase 1 (CVFP)
+    phase1_max_iter: int = _f(10, "maximum Phase 1 training passes")
+    phase1_min_iter: int = _f(3, "a converged stop counts from this pass on (pass 1 compares untrained weights)")
+    phase1_lr_warmup: float = _f(0.002, "Phase 1 LR for passes 1-3")
+    phase1_lr_medium: float = _f(0.0005, "Phase 1 LR for passes 4-8")
+    phase1_lr_finetune: float = _f(0.0001, "Phase 1 LR from pass 9 on")
+    dist_reg_weight: float = _f(0.2, "distribution-regulariser weight w: loss = (1-w)*cvfp + w*dist")
+    dist_reg: bool = _f(True, "distribution regularisation (--no-dist-reg sets w = 0)")
+    convergence_threshold: float = _f(0.02, "a token is converged when MSE to its previous-pass context < this")
+    min_converged_ratio: float = _f(0.95, "Phase 1 succeeds when this fraction of tokens converged")
+    collapse_patience: int = _f(3, "stop Phase 1 after this many passes with train ER below the gate")
+    phase1_mode: str = _f("exact", "exact: sequential recurrence; parallel: Jacobi passes", choices=PHASE1_MODES)
+    phase1_streams: int = _f(16, "B contiguous chunks of the stream processed side by side (1 = seed)")
+    phase1_chunk_tokens: int = _f(16384, "tokens per batched backward chunk (bounds memory)")
+    # gate
+    gate_train_er: float = _f(0.20, "Phase 2 needs train effective rank >= this fraction of C")
+    gate_val_er: float = _f(0.08, "Phase 2 needs val effective rank >= this fraction of C")
+    # Phase 2 (token prediction)
+    phase2_lr: float = _f(0.0001, "Phase 2 learning rate")
+    phase2_epochs: int = _f(10, "maximum Phase 2 epochs")
+    phase2_batch_size: int = _f(32, "Phase 2 batch size (tokens)")
+    phase2_patience: int = _f(3, "Phase 2 early-stopping patience (epochs without val improvement)")
+    skip_phase2: bool = _f(False, "run Phase 1 only")
+    freeze_context: bool = _f(False, "train only the token head in Phase 2 (context layers frozen)")
+    seed: int = _f(42, "random seed: same seed, same numbers")
+
+    def __post_init__(self) -> None:
+        self.model_config(vocab_size=1)  # raises on a dimension combination the model rejects
+        positive = ("phase1_max_iter", "phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
+                    "phase2_batch_size", "phase2_patience", "collapse_patience")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("phase1_lr_warmup", "phase1_lr_medium", "phase1_lr_finetune", "phase2_lr",
+                     "convergence_threshold"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("dist_reg_weight", "min_converged_ratio", "gate_train_er", "gate_val_er"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.phase1_mode not in PHASE1_MODES:
+            raise ValueError(f"phase1_mode must be one of {PHASE1_MODES}, got {self.phase1_mode!r}")
+
+    @property
+    def effective_dist_reg_weight(self) -> float:
+        return self.dist_reg_weight if self.dist_reg else 0.0
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, context_dim=self.context_dim, embed_dim=self.embed_dim,
+                           hidden_dim=self.hidden_dim, num_layers=self.num_layers, architecture=self.architecture)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def field_types() -> dict[str, type]:
+    """Name -> Python type of every TrainConfig field."""
+    return {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type] for f in fields(TrainConfig)}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per TrainConfig field, defaults and help taken from the field."""
+    types = field_types()
+    for f in fields(TrainConfig):
+        assert f.default is not MISSING
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})"
+        if types[f.name] is bool:
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help)
+        else:
+            parser.add_argument(flag, dest=f.name, type=types[f.name], default=f.default,
+                                choices=f.metadata.get("choices"), help=help)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

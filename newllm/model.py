@@ -1,0 +1,140 @@
+"""The New-LLM model: a fixed-size context vector updated token by token, no attention.
+
+Two context-update architectures, chosen by ``ModelConfig.architecture``:
+
+- ``residual`` (seed 002, "residual standard"): per layer ``y = ReLU(W [c, x])`` with
+  ``H == C + E``, then ``c = LN(c + y[:C])`` and ``x = LN(x + y[C:])``.
+- ``gated`` (seed 000): per layer forget and input gates and a tanh candidate from a ReLU
+  hidden layer, ``c = LN(f * c + i * tanh(W_c h))``.
+
+``update(e, c)`` is the context update f of DESIGN.md; it works on any leading batch
+shape, which is what lets Phase 1 recompute a whole pass as one batched call. Nothing
+depends on a maximum sequence length: ``read`` streams any number of tokens in constant
+memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("residual", "gated")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    context_dim: int = 256
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 4
+    architecture: str = "residual"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_dim", "embed_dim", "hidden_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture == "residual" and self.hidden_dim != self.context_dim + self.embed_dim:
+            raise ValueError(
+                f"the residual architecture needs hidden_dim == context_dim + embed_dim "
+                f"({self.context_dim} + {self.embed_dim} = {self.context_dim + self.embed_dim}), "
+                f"got hidden_dim={self.hidden_dim}; set --hidden-dim "
+                f"{self.context_dim + self.embed_dim} or use --architecture gated"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.context_dim = cfg.context_dim
+        self.fnn = nn.Linear(cfg.context_dim + cfg.embed_dim, cfg.hidden_dim)
+        self.context_norm = nn.LayerNorm(cfg.context_dim)
+        self.token_norm = nn.LayerNorm(cfg.embed_dim)
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.relu(self.fnn(torch.cat([c, x], dim=-1)))
+        c = self.context_norm(c + y[..., : self.context_dim])
+        x = self.token_norm(x + y[..., self.context_dim :])
+        return c, x
+
+
+class GatedBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.context_dim, self.hidden_dim = cfg.context_dim, cfg.hidden_dim
+        # hidden layer, forget gate and input gate all read [c, x]: one matmul for the three
+        self.inputs = nn.Linear(cfg.context_dim + cfg.embed_dim, cfg.hidden_dim + 2 * cfg.context_dim)
+        self.candidate = nn.Linear(cfg.hidden_dim, cfg.context_dim)
+        self.context_norm = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.inputs(torch.cat([c, x], dim=-1))
+        h, f, i = z.split([self.hidden_dim, self.context_dim, self.context_dim], dim=-1)
+        candidate = torch.tanh(self.candidate(F.relu(h)))
+        c = self.context_norm(torch.sigmoid(f) * c + torch.sigmoid(i) * candidate)
+        return c, x
+
+
+class NewLLM(nn.Module):
+    """Token embedding (+ LayerNorm), context-update layers, next-token head on the context."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.embed_norm = nn.LayerNorm(cfg.embed_dim)
+        block = ResidualBlock if cfg.architecture == "residual" else GatedBlock
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
+        self.head = nn.Linear(cfg.context_dim, cfg.vocab_size)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def context_parameters(self) -> list[nn.Parameter]:
+        """The parameters Phase 1 trains: the context-update layers (embeddings stay frozen)."""
+        return list(self.blocks.parameters())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_norm(self.token_embedding(ids))
+
+    def update(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One context update f(e, c) -> c' for embedded tokens e, any leading shape."""
+        x = e
+        for block in self.blocks:
+            c, x = block(c, x)
+        return c
+
+    def initial_context(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        p = self.head.weight
+        return torch.zeros(*batch_shape, self.cfg.context_dim, device=p.device, dtype=p.dtype)
+
+    def contexts(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Contexts after each token of ``ids`` [..., T], carrying the context across positions."""
+        c = self.initial_context(ids.shape[:-1]) if context is None else context
+        e = self.embed(ids)
+        out = []
+        for t in range(ids.shape[-1]):
+            c = self.update(e[..., t, :], c)
+            out.append(c)
+        return torch.stack(out, dim=-2)
+
+    def forward(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits at every position of ``ids`` [..., T], and the last context."""
+        contexts = self.contexts(ids, context)
+        return self.head(contexts), contexts[..., -1, :]
+
+    @torch.no_grad()
+    def read(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Stream ``ids`` [..., T] of any length and return only the last context: O(1) memory."""
+        c = self.initial_context(ids.shape[:-1]) if context is None else context
+        for t in range(ids.shape[-1]):
+            c = self.update(self.embed(ids[..., t]), c)
+        return c

@@ -1,0 +1,103 @@
+"""The single run's printed report, in the spirit of the seed's "Training Output Example".
+
+Every figure printed here comes from the run's own results.
+"""
+
+from __future__ import annotations
+
+from newllm.config import TrainConfig
+from newllm.data import DataConfig, TokenData
+from newllm.metrics import FixedPointAnalysis
+from newllm.phase1 import PassRecord
+from newllm.phase2 import EpochRecord
+
+RULE = "=" * 70
+
+
+def _banner(title: str) -> None:
+    print(f"\n{RULE}\n{title}\n{RULE}\n", flush=True)
+
+
+def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str, threads: int) -> None:
+    _banner(f"New-LLM {cfg.architecture} architecture")
+    print("Model Architecture:")
+    print(f"   Layers: {cfg.num_layers}")
+    print(f"   Context dim: {cfg.context_dim}\n   Embed dim: {cfg.embed_dim}\n   Hidden dim: {cfg.hidden_dim}")
+    print("\nPhase 1 Settings (CVFP):")
+    print(f"   Max passes: {cfg.phase1_max_iter}  ({cfg.phase1_mode} passes, {cfg.phase1_streams} streams)")
+    print(f"   Convergence threshold: {cfg.convergence_threshold}")
+    print(f"   Min converged ratio: {cfg.min_converged_ratio}")
+    print(f"   LR schedule: {cfg.phase1_lr_warmup} -> {cfg.phase1_lr_medium} -> {cfg.phase1_lr_finetune}")
+    w = cfg.effective_dist_reg_weight
+    print(f"   Distribution Reg: weight={w} ({1 - w:.0%} CVFP, {w:.0%} Dist)" if w else "   Distribution Reg: off")
+    print(f"   Gate: train ER >= {cfg.gate_train_er:.0%} of C, val ER >= {cfg.gate_val_er:.0%} of C")
+    print("\nData Settings:")
+    print(f"   Source: {data_cfg.source}  ({data.num_train_docs} train / {data.num_val_docs} val documents)")
+    print(f"   Tokens: {len(data.train_ids):,} train / {len(data.val_ids):,} val, vocab {data.vocab_size}")
+    print(f"   Device: {device}, {threads} CPU threads, seed {cfg.seed}")
+
+
+def print_phase1_header() -> None:
+    _banner("PHASE 1: FIXED-POINT CONTEXT LEARNING")
+
+
+def print_pass(r: PassRecord) -> None:
+    print(f"  Pass {r.pass_index}: Loss={r.loss:.6f} (CVFP={r.cvfp_loss:.6f}, Dist={r.dist_loss:.6f}), "
+          f"Converged={r.converged_ratio:.1%}, ER={r.effective_rank:.2f} ({r.effective_rank_fraction:.0%}), "
+          f"lr={r.lr:g}, {r.seconds:.2f}s", flush=True)
+
+
+def print_analysis(title: str, a: FixedPointAnalysis) -> None:
+    _banner(f"FIXED-POINT ANALYSIS ({title})")
+    ok, bad = "OK", "FAIL"
+    print("1. Global Attractor Detection:")
+    print(f"   Average pairwise L2 distance: {a.mean_pairwise_l2:.3f}")
+    print(f"   Average pairwise cosine similarity: {a.mean_pairwise_cosine:.5f}")
+    print(f"   Status: {bad + ' global attractor' if a.global_attractor else ok + ' no global attractor (diverse fixed points)'}")
+    print("\n2. Zero Solution Detection:")
+    print(f"   Average norm: {a.mean_norm:.3f}")
+    print(f"   Status: {bad + ' zero solution' if a.zero_solution else ok + ' non-zero solution'}")
+    print("\n3. Distribution Statistics:")
+    print(f"   Norm range: [{a.norm_min:.6f}, {a.norm_max:.6f}]")
+    print(f"   Norm std: {a.norm_std:.6f}")
+    print(f"   Sparsity (|v| < 0.01): {a.sparsity:.1%}")
+    print("\n4. Information Content:")
+    print(f"   Effective Rank: {a.effective_rank:.2f} / {a.context_dim} ({a.effective_rank_fraction:.1%})")
+    print(f"   Top 5 Singular Values: [{', '.join(f'{s:.2f}' for s in a.top_singular_values)}]")
+
+
+def print_epoch(r: EpochRecord) -> None:
+    print(f"  Epoch {r.epoch}: train_loss={r.train_loss:.4f}, val_loss={r.val_loss:.4f}, "
+          f"val_ppl={r.val_ppl:.2f}, val_acc={r.val_acc:.1%}, {r.seconds:.2f}s", flush=True)
+
+
+def print_gate(result) -> None:
+    """Phase 1 outcome, both analyses and the gate verdict (before Phase 2 starts)."""
+    p1 = result.phase1
+    print(f"\nPhase 1 stopped after {p1.passes} passes ({p1.stop_reason}, "
+          f"{p1.converged_ratio:.1%} converged) in {p1.seconds:.1f}s")
+    print_analysis("Train", result.train_analysis)
+    print_analysis("Val", result.val_analysis)
+    t, v = result.train_analysis, result.val_analysis
+    _banner("PHASE 1 SUCCESSFUL" if result.gate.passed else "PHASE 1 FAILED")
+    print(f"  Train Effective Rank: {t.effective_rank:.2f}/{t.context_dim} ({t.effective_rank_fraction:.0%})")
+    print(f"  Val Effective Rank:   {v.effective_rank:.2f}/{v.context_dim} ({v.effective_rank_fraction:.0%})")
+    print(f"  Gate: {result.gate.reason}")
+    if not result.gate.passed:
+        print("\n  Skipping Phase 2: the contexts are not diverse enough to predict from.")
+    elif not result.config.skip_phase2:
+        print("\n  Proceeding to Phase 2...\n")
+
+
+def print_result(result) -> None:
+    """How the run ended: divergence, Phase 2's best epoch, status and objective."""
+    if result.train_analysis is None:
+        _banner(f"DIVERGED after {result.phase1.passes} Phase 1 passes (non-finite loss or contexts)")
+    p2 = result.phase2
+    if p2 is not None:
+        best = p2.best
+        print(f"\nPhase 2: {len(p2.history)} epochs ({p2.stop_reason}) in {p2.seconds:.1f}s; best epoch {p2.best_epoch}: "
+              f"val_loss={best.val_loss:.4f}, val_ppl={best.val_ppl:.2f}, val_acc={best.val_acc:.1%}")
+    elif result.gate is not None and result.gate.passed:
+        print("\n  Phase 2 skipped (--skip-phase2).")
+    print(f"\nStatus: {result.status}, objective {result.objective:.6g}")
