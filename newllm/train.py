@@ -100,7 +100,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: str = "cpu") -> NewLL
 
 def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, phase1: Phase1Result | None = None,
           on_pass: Callable[[PassRecord], None] | None = None,
-          on_phase1_end: Callable[[NewLLM, Phase1Result], None] | None = None,
           on_gate: Callable[[TrainResult], None] | None = None,
           on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
     """Run Phase 1 (unless ``phase1`` says a checkpointed ``model`` already did), the
@@ -109,8 +108,6 @@ def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, phase1: Phase1Res
     train_ids, val_ids = data.train_ids.to(device), data.val_ids.to(device)
     if phase1 is None:
         phase1 = train_phase1(model, train_ids, cfg, on_pass=on_pass)
-        if on_phase1_end is not None:
-            on_phase1_end(model, phase1)
     result = TrainResult(cfg, "diverged", model.num_params(), phase1)
     if phase1.stop_reason == "diverged":
         return result
@@ -149,8 +146,9 @@ def set_threads(threads: int) -> int:
 # --- the single-run command line ------------------------------------------------------------
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DataConfig()
+def add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Data flags; with ``defaults=False`` unset flags stay None (a search space may set them)."""
+    d = DataConfig() if defaults else argparse.Namespace(**{k: None for k in DataConfig().to_dict()})
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=d.source,
                    help="builtin (offline default), a directory of .txt, a .txt/.parquet/.jsonl file, or hf:NAME")
@@ -163,10 +161,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="an existing tokenizer.json instead of training one")
 
 
-def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(source=args.data, num_samples=args.num_samples, train_val_split=args.train_val_split,
-                      vocab_size=args.vocab_size, text_column=args.text_column, hf_split=args.hf_split,
-                      hf_config=args.hf_config, tokenizer=args.tokenizer)
+def data_config_from_args(args: argparse.Namespace, base: dict | None = None) -> DataConfig:
+    """DataConfig from the flags given, over ``base`` (a search space's data section)."""
+    given = {"source": args.data, "num_samples": args.num_samples, "train_val_split": args.train_val_split,
+             "vocab_size": args.vocab_size, "text_column": args.text_column, "hf_split": args.hf_split,
+             "hf_config": args.hf_config, "tokenizer": args.tokenizer}
+    return DataConfig(**{**(base or {}), **{k: v for k, v in given.items() if v is not None}})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,0 +1,114 @@
+"""Search results in Parquet: ``trials.parquet`` (one row per finished trial) and
+``iterations.parquet`` (every reported row), under ``<storage>/<experiment>/``.
+
+``ParquetResults`` is a Tune callback; it runs in the driver. It flushes the trial table
+whenever a trial finishes and the iteration rows at least every ``flush_seconds`` and at
+each finish. Each flush writes the whole table to a temporary file and renames it over
+the old one, so a reader never sees a half-written file and a crash loses no finished
+trial. Rows are keyed by trial id (and phase/step), so a resumed search that reports a
+trial again replaces its rows instead of duplicating them.
+
+``load(path)`` gives the two tables back as pandas DataFrames.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from ray.tune import Callback
+
+TRIALS_FILE = "trials.parquet"
+ITERATIONS_FILE = "iterations.parquet"
+ITERATION_KEY = ["trial_id", "phase", "step"]
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+
+
+def load(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, iterations) of the experiment directory ``path``."""
+    d = Path(path)
+    if not (d / TRIALS_FILE).is_file():
+        raise FileNotFoundError(f"no {TRIALS_FILE} in {str(path)!r}: not a newllm experiment directory")
+    return pd.read_parquet(d / TRIALS_FILE), read_parquet(d / ITERATIONS_FILE)
+
+
+class ParquetResults(Callback):
+    """Append every reported row and every finished trial to the experiment's Parquet files.
+
+    ``trial_row(trial, result)`` turns a finished trial and its last result into the row of
+    the trials table; the search module supplies it.
+    """
+
+    def __init__(self, directory: str, trial_row, flush_seconds: float = 5.0):
+        self.directory = directory
+        self.trial_row = trial_row
+        self.flush_seconds = flush_seconds
+        self._trials: dict[str, dict] = {}
+        self._iterations: dict[tuple, dict] = {}
+        self._last_flush = 0.0
+        self._dirty = False
+
+    @property
+    def trials_path(self) -> Path:
+        return Path(self.directory) / TRIALS_FILE
+
+    @property
+    def iterations_path(self) -> Path:
+        return Path(self.directory) / ITERATIONS_FILE
+
+    def setup(self, **info) -> None:
+        """Start from what is already on disk (a resumed search)."""
+        for row in read_parquet(self.trials_path).to_dict("records"):
+            self._trials[row["trial_id"]] = row
+        for row in read_parquet(self.iterations_path).to_dict("records"):
+            self._iterations[tuple(row[k] for k in ITERATION_KEY)] = row
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        row = {"trial_id": trial.trial_id, **{k: v for k, v in result.items() if _scalar(v)}}
+        self._iterations[tuple(row.get(k) for k in ITERATION_KEY)] = row
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush_iterations()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, {**(trial.last_result or {}), "status": "error"})
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.flush_iterations()
+
+    def _finish(self, trial, result: dict) -> None:
+        self._trials[trial.trial_id] = self.trial_row(trial, result)
+        write_parquet(pd.DataFrame(list(self._trials.values())), self.trials_path)
+        self.flush_iterations()
+
+    def flush_iterations(self) -> None:
+        if self._dirty and self._iterations:
+            write_parquet(pd.DataFrame(list(self._iterations.values())), self.iterations_path)
+        self._dirty = False
+        self._last_flush = time.monotonic()
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))

@@ -1,0 +1,289 @@
+"""``python -m newllm.search``: a Ray Tune + Optuna search over New-LLM configurations.
+
+Everything is checked before anything starts (exit code 2, nothing written): options, the
+search-space file, the data. Data is prepared once here in the driver and shared with the
+trials through Ray's object store. Each finished trial lands in
+``<storage>/<name>/trials.parquet`` and every reported row in ``iterations.parquet``.
+Run it locally, or inside ``ray job submit`` where it attaches to the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.tune import Callback
+
+from newllm import __version__
+from newllm.data import DataConfig, prepare_data
+from newllm.space import SearchSpace, SpaceError, load_space
+from newllm.train import add_data_arguments, data_config_from_args
+
+REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+PROGRESS_SECONDS = 10.0
+
+
+def resolve_space(name: str) -> str:
+    """A path, or the name of a file in the repository's search_spaces/ ("laptop")."""
+    if Path(name).exists():
+        return name
+    for candidate in (REPO_SPACES / name, REPO_SPACES / f"{name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return name
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m newllm.search",
+        description="Ray Tune + Optuna search over New-LLM configurations (Phase 1 CVFP, gate, Phase 2).",
+    )
+    p.add_argument("--space", default="laptop", help="search-space YAML, or a name in search_spaces/ (default: %(default)s)")
+    p.add_argument("--num-trials", type=int, help="trials to run (default: the space's num_trials)")
+    p.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (= torch threads) per trial (default: %(default)s)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: %(default)s)")
+    p.add_argument("--name", help="experiment name (default: <space>-<time>; needed with --resume)")
+    p.add_argument("--storage-path", default="results",
+                   help="experiment root: a local directory, a shared mount, or s3:// / gs:// (default: %(default)s)")
+    p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, as inside ray job submit; else a local Ray)")
+    p.add_argument("--local", action="store_true", help="laptop CPU mode: a local Ray sized to this machine, ignoring RAY_ADDRESS")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment --name after an interruption")
+    add_data_arguments(p, defaults=False)
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_trials", "concurrency", "cpus_per_trial"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.gpus_per_trial < 0:
+        raise ValueError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.resume and not args.name:
+        raise ValueError("--resume needs --name: the experiment to continue")
+    if args.local and args.address:
+        raise ValueError("--local starts its own Ray; it cannot go with --address")
+
+
+def storage_root(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def experiment_dir(args: argparse.Namespace) -> str:
+    return f"{storage_root(args.storage_path).rstrip('/')}/{args.name}"
+
+
+# --- rows and reports ---------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import optuna
+    import ray
+    import torch
+
+    return {"newllm_version": __version__, "torch_version": torch.__version__,
+            "ray_version": ray.__version__, "optuna_version": optuna.__version__}
+
+
+SUMMARY_KEYS = [
+    "status", "objective", "num_params", "phase1_passes", "phase1_stop_reason", "converged_ratio",
+    "val_converged_ratio", "train_effective_rank", "train_effective_rank_fraction", "val_effective_rank",
+    "val_effective_rank_fraction", "gate_passed", "gate_reason", "phase2_epochs", "phase2_best_epoch",
+    "phase2_stop_reason", "val_loss", "val_ppl", "val_acc", "phase1_seconds", "analysis_seconds", "phase2_seconds",
+]
+
+
+@dataclass
+class TrialRow:
+    """The trials-table row of a finished trial: id, status, summary, full config, versions."""
+
+    space: SearchSpace
+    versions: dict
+
+    def __call__(self, trial, result: dict) -> dict:
+        summary = {k: result.get(k) for k in SUMMARY_KEYS}
+        summary["status"] = result["status"] if result.get("phase") == "final" or result.get("status") == "error" \
+            else "error"
+        checkpoint = trial.checkpoint
+        return {"trial_id": trial.trial_id, **summary, **self.space.trial_config(trial.config).to_dict(),
+                "trial_seconds": result.get("time_total_s"),
+                "checkpoint_path": checkpoint.path if checkpoint is not None else None, **self.versions}
+
+
+class Progress(Callback):
+    """A status line every PROGRESS_SECONDS and at each finished trial: counts, best, running trials."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.start, self.last_print = time.monotonic(), 0.0
+        self.latest: dict[str, dict] = {}
+        self.finished: dict[str, str] = {}
+        self.best: tuple[float, str] | None = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.latest[trial.trial_id] = result
+        if time.monotonic() - self.last_print >= PROGRESS_SECONDS:
+            self.print_line()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        self.finished[trial.trial_id] = result.get("status", "?")
+        self.latest.pop(trial.trial_id, None)
+        if result.get("status") == "passed" and (self.best is None or result["objective"] < self.best[0]):
+            self.best = (result["objective"], trial.trial_id)
+        self.print_line()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished[trial.trial_id] = "error"
+        self.latest.pop(trial.trial_id, None)
+        self.print_line()
+
+    def print_line(self):
+        self.last_print = time.monotonic()
+        counts: dict[str, int] = {}
+        for s in self.finished.values():
+            counts[s] = counts.get(s, 0) + 1
+        done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        best = f"best val_ppl {self.best[0]:.2f} ({self.best[1]})" if self.best else "no passed trial yet"
+        print(f"[{time.monotonic() - self.start:6.0f}s] {len(self.finished)}/{self.total} finished"
+              f"{' (' + done + ')' if done else ''} | {best}", flush=True)
+        for tid, r in self.latest.items():
+            print(f"          {tid}: {_describe(r)}", flush=True)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _describe(r: dict) -> str:
+    if r.get("phase") == "phase1":
+        return f"phase1 pass {r['step']} conv {r['converged_ratio']:.0%} ER {r['effective_rank_fraction']:.0%}"
+    if r.get("phase") == "phase2":
+        return f"phase2 epoch {r['step']} val_ppl {r['val_ppl']:.1f}"
+    return r.get("phase", "?")
+
+
+def print_summary(directory: str, space: SearchSpace) -> None:
+    """The end-of-search table, best configuration and the gate's saving, from trials.parquet."""
+    import pandas as pd
+
+    from newllm.results import load
+
+    trials, _ = load(directory)
+    searched = list(space.params)
+    cols = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction", "val_ppl", "objective"]
+    table = trials.sort_values("objective")[[c for c in cols if c in trials]]
+    with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
+        print("\n" + table.to_string(index=False))
+    passed = trials[trials.status == "passed"]
+    failed = trials[trials.status == "gate_failed"]
+    print(f"\n{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items()))
+    if len(passed):
+        best = passed.sort_values("objective").iloc[0]
+        print(f"Best trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
+              f"{int(best.num_params):,} parameters")
+        print("Best configuration: " + ", ".join(f"{k}={_fmt(best[k])}" for k in searched))
+        mean_p2 = passed.phase2_seconds.mean()
+        if len(failed):
+            print(f"The gate skipped Phase 2 for {len(failed)} trials: about {len(failed) * mean_p2:.0f}s of Phase 2 "
+                  f"compute saved ({len(failed)} x {mean_p2:.1f}s, the mean Phase 2 time of passed trials)")
+    else:
+        print("No trial passed the gate: no best configuration.")
+    print(f"Results: {directory}/trials.parquet, {directory}/iterations.parquet "
+          f"(newllm.results.load({directory!r}))")
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        space = load_space(resolve_space(args.space))
+        data_cfg = data_config_from_args(args, base=space.data)
+        if "seed" not in space.params and "seed" not in space.fixed:
+            space = dataclasses.replace(space, fixed={**space.fixed, "seed": args.seed})
+        args.name = args.name or f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        import ray
+        from ray import tune
+
+        exp_dir = experiment_dir(args)
+        exists = tune.Tuner.can_restore(exp_dir)
+        if args.resume and not exists:
+            raise ValueError(f"--resume: no experiment to continue at {exp_dir}")
+        if not args.resume and (exists or ("://" not in exp_dir and Path(exp_dir).exists())):
+            raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
+        data = prepare_data(data_cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    num_trials = args.num_trials or space.num_trials
+    print(f"newllm {__version__} search '{args.name}': {num_trials} trials of {space.path} "
+          f"({', '.join(space.params)}), objectives {space.objectives}")
+    print(f"Data: {data_cfg.source}, {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, "
+          f"vocab {data.vocab_size}")
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # two checkpoints per trial (after Phase 1, at the end) trip Tune's snapshot-rate warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if args.local:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    elif args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    concurrency = args.concurrency or max(1, cpus // args.cpus_per_trial)
+    print(f"Ray: {cpus} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; {concurrency} trials at once, "
+          f"{args.cpus_per_trial} CPU(s) and {args.gpus_per_trial:g} GPU(s) each\nExperiment: {exp_dir}\n", flush=True)
+
+    run_search(args, space, data, num_trials, concurrency, exp_dir)
+    print_summary(exp_dir, space)
+    return 0
+
+
+def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int, exp_dir: str) -> None:
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from newllm.results import ParquetResults
+    from newllm.trainable import run_trial
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, data=data),
+                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    if args.resume:
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+    else:
+        metrics = space.metrics
+        sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True)
+        searcher = OptunaSearch(space=space.params, metric=metrics if len(metrics) > 1 else metrics[0],
+                                mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler)
+        callbacks = [ParquetResults(exp_dir, TrialRow(space, versions())), Progress(num_trials)]
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_trials,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=args.name, storage_path=storage_root(args.storage_path),
+                                      callbacks=callbacks, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    tuner.fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

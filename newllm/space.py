@@ -1,0 +1,180 @@
+"""Search spaces: a YAML file -> validated Optuna distributions, fixed settings and data options.
+
+Schema (every key optional except ``params``)::
+
+    num_trials: 8                      # trials to run (the CLI's --num-trials overrides)
+    objectives: [val_ppl]              # or [val_ppl, num_params]: multi-objective, all minimised
+    params:                            # searched TrainConfig fields
+      context_dim: {type: categorical, choices: [16, 32, 64]}
+      num_layers:  {type: int, low: 1, high: 4}              # step: 1 by default
+      dist_reg_weight: {type: float, low: 0.0, high: 0.8}
+      phase1_lr_warmup: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+    fixed:                             # TrainConfig fields held constant
+      phase2_epochs: 5
+    data:                              # DataConfig defaults for this space (CLI flags override)
+      num_samples: 40
+      vocab_size: 500
+
+A key may be searched or fixed, not both. ``hidden_dim``, when neither searched nor fixed, is
+``context_dim + embed_dim`` in every trial, as the residual architecture requires. Every
+combination of the ranges' ends is checked against TrainConfig before a search starts, so a
+dimension combination the model rejects fails up front.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import optuna.distributions as od
+import yaml
+
+from newllm.config import TrainConfig, field_types
+from newllm.data import DataConfig
+
+OBJECTIVES = {"val_ppl": "objective", "num_params": "num_params"}
+TOP_KEYS = {"num_trials", "objectives", "params", "fixed", "data"}
+DIST_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
+             "categorical": {"type", "choices"}}
+DATA_KEYS = {f.name for f in fields(DataConfig)} - {"cache_dir"}
+MAX_CORNERS = 4096
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be run; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    params: dict[str, od.BaseDistribution]
+    fixed: dict[str, object]
+    data: dict[str, object]
+    objectives: list[str]
+    num_trials: int
+
+    def trial_config(self, sampled: dict) -> TrainConfig:
+        """The full TrainConfig of a trial from its sampled values."""
+        values = {**self.fixed, **sampled}
+        if "hidden_dim" not in values:
+            values["hidden_dim"] = values.get("context_dim", TrainConfig.context_dim) + \
+                values.get("embed_dim", TrainConfig.embed_dim)
+        return TrainConfig(**values)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Names of the reported metrics that Optuna minimises."""
+        return [OBJECTIVES[o] for o in self.objectives]
+
+
+def _is(value, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _distribution(name: str, spec, kind: type, where: str) -> od.BaseDistribution:
+    if not isinstance(spec, dict) or spec.get("type") not in DIST_KEYS:
+        raise SpaceError(f"{where}: params.{name} must be a mapping with type: int, float or categorical")
+    unknown = set(spec) - DIST_KEYS[spec["type"]]
+    if unknown:
+        raise SpaceError(f"{where}: params.{name} has unknown keys {sorted(unknown)}; "
+                         f"a {spec['type']} takes {sorted(DIST_KEYS[spec['type']])}")
+    if spec["type"] == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}: params.{name}.choices must be a non-empty list")
+        bad = [c for c in choices if not _is(c, kind)]
+        if bad:
+            raise SpaceError(f"{where}: params.{name} choices {bad} are not of type {kind.__name__}")
+        return od.CategoricalDistribution(choices)
+    if kind is not {"int": int, "float": float}[spec["type"]]:
+        raise SpaceError(f"{where}: params.{name} is a {kind.__name__} setting; "
+                         f"use type: {'categorical' if kind in (bool, str) else kind.__name__}")
+    low, high, log = spec.get("low"), spec.get("high"), spec.get("log", False)
+    if not (_is(low, kind) and _is(high, kind)):
+        raise SpaceError(f"{where}: params.{name} needs numeric low and high of type {kind.__name__}, "
+                         f"got low={low!r}, high={high!r}")
+    if low >= high:
+        raise SpaceError(f"{where}: params.{name} has an empty or inverted range: low={low} >= high={high}")
+    if not isinstance(log, bool):
+        raise SpaceError(f"{where}: params.{name}.log must be true or false")
+    if log and low <= 0:
+        raise SpaceError(f"{where}: params.{name} is log-scaled, so low must be > 0, got {low}")
+    step = spec.get("step")
+    if step is not None and (log or not _is(step, kind) or step <= 0):
+        raise SpaceError(f"{where}: params.{name}.step must be a positive {kind.__name__} and cannot go with log")
+    if kind is int:
+        return od.IntDistribution(low, high, log=log, step=step or 1)
+    return od.FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def _ends(d: od.BaseDistribution) -> list:
+    if isinstance(d, od.CategoricalDistribution):
+        return list(d.choices)
+    return [d.low, d.high]
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space file; raise SpaceError naming any problem."""
+    where = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise SpaceError(f"search space {where!r} does not exist (see search_spaces/ for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{where}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: must be a YAML mapping with at least a 'params' key")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise SpaceError(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    types = field_types()
+    params_raw, fixed = raw.get("params"), raw.get("fixed") or {}
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise SpaceError(f"{where}: 'params' must map at least one TrainConfig field to a distribution")
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{where}: 'fixed' must be a mapping of TrainConfig fields to values")
+    for section, keys in (("params", params_raw), ("fixed", fixed)):
+        unknown = set(keys) - set(types)
+        if unknown:
+            raise SpaceError(f"{where}: {section} has unknown settings {sorted(unknown)}; "
+                             f"settings are the TrainConfig fields ({', '.join(types)})")
+    both = set(params_raw) & set(fixed)
+    if both:
+        raise SpaceError(f"{where}: {sorted(both)} are both searched and fixed; keep one")
+    for name, value in fixed.items():
+        if not _is(value, types[name]):
+            raise SpaceError(f"{where}: fixed.{name} must be of type {types[name].__name__}, got {value!r}")
+    if fixed.get("skip_phase2"):
+        raise SpaceError(f"{where}: fixed.skip_phase2 leaves trials without the Phase 2 objective; remove it")
+    params = {name: _distribution(name, spec, types[name], where) for name, spec in params_raw.items()}
+
+    objectives = raw.get("objectives", ["val_ppl"])
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    if not isinstance(objectives, list) or not objectives or set(objectives) - set(OBJECTIVES) \
+            or len(set(objectives)) != len(objectives):
+        raise SpaceError(f"{where}: objectives must be a list drawn from {sorted(OBJECTIVES)}, got {objectives!r}")
+    num_trials = raw.get("num_trials", 8)
+    if not _is(num_trials, int) or num_trials < 1:
+        raise SpaceError(f"{where}: num_trials must be an integer >= 1, got {num_trials!r}")
+    data = raw.get("data") or {}
+    if not isinstance(data, dict) or set(data) - DATA_KEYS:
+        raise SpaceError(f"{where}: data must be a mapping with keys from {sorted(DATA_KEYS)}")
+    try:
+        DataConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise SpaceError(f"{where}: data: {e}") from e
+
+    space = SearchSpace(where, params, fixed, data, objectives, num_trials)
+    corners = list(itertools.product(*(_ends(d) for d in params.values())))
+    for values in corners[:MAX_CORNERS]:
+        sampled = dict(zip(params, values))
+        try:
+            space.trial_config(sampled)
+        except (TypeError, ValueError) as e:
+            raise SpaceError(f"{where}: the trial {sampled} would be invalid: {e}") from e
+    return space

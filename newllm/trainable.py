@@ -1,0 +1,79 @@
+"""The Ray Tune function trainable: one search trial is one ``newllm.train.train`` run.
+
+Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` and
+``num_params`` (Tune checks the metric in every report; OptunaSearch reads the last one):
+
+- ``phase1``, step = pass: cvfp/dist loss, converged ratio, train effective rank, lr, seconds;
+- ``analysis``, step 0: fixed-point analysis of train and val contexts and the gate verdict,
+  with a checkpoint (weights after Phase 1 and its history);
+- ``phase2``, step = epoch: train/val loss, val perplexity and accuracy;
+- ``final``, step 0: the run's summary and ``status``, with the final checkpoint.
+
+Until a Phase 2 result exists a row's objective is the gate-failed penalty the trial would
+get if it ended there; in Phase 2 it is the best val perplexity so far. A retried or resumed
+trial loads the Phase 1 checkpoint and does not redo Phase 1.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import ray
+import torch
+from ray import tune
+
+from newllm.checkpoint import load_model, save_model
+from newllm.data import TokenData
+from newllm.phase1 import PassRecord, Phase1Result
+from newllm.space import SearchSpace
+from newllm.train import TrainResult, build_model, gate_failed_objective, train
+
+
+def trial_resources() -> tuple[int, str]:
+    """(CPU threads, device) from what Tune gave this trial."""
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    threads = max(1, int(assigned.get("CPU", 1)))
+    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    return threads, device
+
+
+def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
+    cfg = space.trial_config(config)
+    threads, device = trial_resources()
+    torch.set_num_threads(threads)
+    model = build_model(cfg, data.vocab_size, device)
+    num_params = model.num_params()
+    phase1 = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model, record = load_model(d, device)
+        history = [PassRecord(**r) for r in record["phase1"]["history"]]
+        phase1 = Phase1Result(history, record["phase1"]["stop_reason"], record["phase1"]["seconds"])
+
+    def on_pass(r: PassRecord) -> None:
+        tune.report({"phase": "phase1", "step": r.pass_index, **r.to_dict(), "num_params": num_params,
+                     "objective": gate_failed_objective(r.effective_rank_fraction)})
+
+    def on_gate(result: TrainResult) -> None:
+        p1 = result.phase1
+        row = {"phase": "analysis", "step": 0, "num_params": num_params, **result.summary(),
+               "objective": gate_failed_objective(result.train_analysis.effective_rank_fraction)}
+        with tempfile.TemporaryDirectory() as d:
+            save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(),
+                       phase1={"history": [r.to_dict() for r in p1.history],
+                               "stop_reason": p1.stop_reason, "seconds": p1.seconds})
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
+
+    best = [float("inf")]
+
+    def on_epoch(r) -> None:
+        best[0] = min(best[0], r.val_ppl)
+        tune.report({"phase": "phase2", "step": r.epoch, **r.to_dict(), "num_params": num_params,
+                     "objective": best[0]})
+
+    result = train(cfg, data, model, phase1=phase1, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch)
+    with tempfile.TemporaryDirectory() as d:
+        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary())
+        tune.report({"phase": "final", "step": 0, "threads": threads, "device": device, **result.summary()},
+                    checkpoint=tune.Checkpoint.from_directory(d))
