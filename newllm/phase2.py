@@ -110,7 +110,7 @@ def train_phase2(model: NewLLM, train: FixedContexts, val: FixedContexts, cfg: T
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
         val_loss, val_acc = evaluate(model, val_f)
         record = EpochRecord(epoch, loss_sum / len(train_f), val_loss, perplexity(val_loss), val_acc,
                              time.perf_counter() - t0)

@@ -55,12 +55,14 @@ class ParquetResults(Callback):
     """Append every reported row and every finished trial to the experiment's Parquet files.
 
     ``trial_row(trial, result)`` turns a finished trial and its last result into the row of
-    the trials table; the search module supplies it.
+    the trials table, whose columns get the pandas ``dtypes`` given; the search module
+    supplies both.
     """
 
-    def __init__(self, directory: str, trial_row, flush_seconds: float = 5.0):
+    def __init__(self, directory: str, trial_row, dtypes: dict[str, str], flush_seconds: float = 5.0):
         self.directory = directory
         self.trial_row = trial_row
+        self.dtypes = dtypes
         self.flush_seconds = flush_seconds
         self._trials: dict[str, dict] = {}
         self._iterations: dict[tuple, dict] = {}
@@ -100,7 +102,9 @@ class ParquetResults(Callback):
 
     def _finish(self, trial, result: dict) -> None:
         self._trials[trial.trial_id] = self.trial_row(trial, result)
-        write_parquet(pd.DataFrame(list(self._trials.values())), self.trials_path)
+        table = pd.DataFrame(list(self._trials.values()))
+        table = table.astype({k: v for k, v in self.dtypes.items() if k in table})
+        write_parquet(table, self.trials_path)
         self.flush_iterations()
 
     def flush_iterations(self) -> None:

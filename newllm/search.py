@@ -21,6 +21,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from newllm import __version__
+from newllm.config import field_types
 from newllm.data import DataConfig, prepare_data
 from newllm.space import SearchSpace, SpaceError, load_space
 from newllm.train import add_data_arguments, data_config_from_args
@@ -93,12 +94,17 @@ def versions() -> dict:
             "ray_version": ray.__version__, "optuna_version": optuna.__version__}
 
 
-SUMMARY_KEYS = [
-    "status", "objective", "num_params", "phase1_passes", "phase1_stop_reason", "converged_ratio",
-    "val_converged_ratio", "train_effective_rank", "train_effective_rank_fraction", "val_effective_rank",
-    "val_effective_rank_fraction", "gate_passed", "gate_reason", "phase2_epochs", "phase2_best_epoch",
-    "phase2_stop_reason", "val_loss", "val_ppl", "val_acc", "phase1_seconds", "analysis_seconds", "phase2_seconds",
-]
+# the trials table's summary columns and their pandas dtypes (nullable: null when not reached)
+SUMMARY_COLUMNS = {
+    "status": "string", "objective": "float64", "num_params": "Int64", "phase1_passes": "Int64",
+    "phase1_stop_reason": "string", "converged_ratio": "float64", "val_converged_ratio": "float64",
+    "train_effective_rank": "float64", "train_effective_rank_fraction": "float64", "val_effective_rank": "float64",
+    "val_effective_rank_fraction": "float64", "gate_passed": "boolean", "gate_reason": "string",
+    "phase2_epochs_run": "Int64", "phase2_best_epoch": "Int64", "phase2_stop_reason": "string",
+    "val_loss": "float64", "val_ppl": "float64", "val_acc": "float64", "phase1_seconds": "float64",
+    "analysis_seconds": "float64", "phase2_seconds": "float64", "trial_seconds": "float64",
+}
+CONFIG_DTYPES = {int: "int64", float: "float64", bool: "bool", str: "string"}
 
 
 @dataclass
@@ -109,13 +115,19 @@ class TrialRow:
     versions: dict
 
     def __call__(self, trial, result: dict) -> dict:
-        summary = {k: result.get(k) for k in SUMMARY_KEYS}
+        summary = {k: result.get(k) for k in SUMMARY_COLUMNS}
         summary["status"] = result["status"] if result.get("phase") == "final" or result.get("status") == "error" \
             else "error"
         checkpoint = trial.checkpoint
+        summary["trial_seconds"] = result.get("time_total_s")
         return {"trial_id": trial.trial_id, **summary, **self.space.trial_config(trial.config).to_dict(),
-                "trial_seconds": result.get("time_total_s"),
                 "checkpoint_path": checkpoint.path if checkpoint is not None else None, **self.versions}
+
+
+    @staticmethod
+    def dtypes() -> dict[str, str]:
+        return {"trial_id": "string", **SUMMARY_COLUMNS, "checkpoint_path": "string",
+                **{name: CONFIG_DTYPES[t] for name, t in field_types().items()}}
 
 
 class Progress(Callback):
@@ -272,7 +284,7 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
         sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True)
         searcher = OptunaSearch(space=space.params, metric=metrics if len(metrics) > 1 else metrics[0],
                                 mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler)
-        callbacks = [ParquetResults(exp_dir, TrialRow(space, versions())), Progress(num_trials)]
+        callbacks = [ParquetResults(exp_dir, TrialRow(space, versions()), TrialRow.dtypes()), Progress(num_trials)]
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_trials,

@@ -80,7 +80,7 @@ class TrainResult:
             "val_effective_rank_fraction": v.effective_rank_fraction if v else None,
             "gate_passed": self.gate.passed if self.gate else None,
             "gate_reason": self.gate.reason if self.gate else None,
-            "phase2_epochs": len(p2.history) if p2 else None,
+            "phase2_epochs_run": len(p2.history) if p2 else None,
             "phase2_best_epoch": p2.best_epoch if p2 else None,
             "phase2_stop_reason": p2.stop_reason if p2 else None,
             "val_loss": best.val_loss if best else None,

@@ -1,0 +1,187 @@
+"""Real searches on a local Ray: Parquet rows, the gate, bad inputs, resume, ray job submit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from newllm import results, search
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_SPACE = """
+num_trials: 3
+params:
+  context_dim: {type: categorical, choices: [8, 16]}
+  num_layers: {type: int, low: 1, high: 2}
+  dist_reg_weight: {type: float, low: 0.1, high: 0.8}
+fixed:
+  embed_dim: 8
+  phase1_max_iter: 4
+  phase1_streams: 4
+  phase2_epochs: 2
+  phase2_lr: 0.001
+  phase2_batch_size: 64
+  %s
+data:
+  num_samples: 6
+  vocab_size: 300
+"""
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEWLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def write_space(tmp_path: Path, extra: str = "", name: str = "tiny.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(TINY_SPACE % extra)
+    return str(path)
+
+
+def run_search(tmp_path: Path, space: str, name: str, *extra: str) -> pd.DataFrame:
+    assert search.main(["--local", "--space", space, "--name", name, "--storage-path", str(tmp_path / "res"), *extra]) == 0
+    ray.shutdown()
+    trials, iterations = results.load(tmp_path / "res" / name)
+    return trials, iterations
+
+
+def test_small_search_writes_one_typed_row_per_trial(tmp_path):
+    trials, iterations = run_search(tmp_path, write_space(tmp_path), "ok")
+    assert len(trials) == 3 and trials.trial_id.is_unique
+    assert str(trials.context_dim.dtype) == "int64" and str(trials.dist_reg_weight.dtype) == "float64"
+    assert str(trials.architecture.dtype) in ("object", "str", "string")
+    assert set(trials.status) <= {"passed", "gate_failed", "diverged"}
+    passed = trials.status == "passed"
+    assert passed.any()
+    assert trials.loc[passed, ["val_loss", "val_ppl", "val_acc"]].notna().all().all()
+    assert trials.loc[~passed, "val_ppl"].isna().all()
+    assert (trials.loc[passed, "objective"] == trials.loc[passed, "val_ppl"]).all()
+    assert (trials.loc[~passed, "objective"] >= 1e6).all()
+    assert {"torch_version", "ray_version", "optuna_version", "newllm_version", "phase1_seconds"} <= set(trials)
+    assert trials.checkpoint_path.map(lambda p: (Path(p) / "model.pt").is_file()).all()
+    # every reported row, with its phase; Phase 2 rows exactly for passed trials
+    assert set(iterations.trial_id) == set(trials.trial_id)
+    assert {"phase1", "analysis", "final"} <= set(iterations.phase)
+    p2 = set(iterations.loc[iterations.phase == "phase2", "trial_id"])
+    assert p2 == set(trials.loc[passed, "trial_id"])
+    assert iterations.objective.notna().all()
+
+
+def test_gate_failure_skips_phase2(tmp_path):
+    trials, iterations = run_search(tmp_path, write_space(tmp_path, "gate_train_er: 1.0"), "gate", "--num-trials", "2")
+    assert list(trials.status) == ["gate_failed", "gate_failed"]
+    assert trials.gate_passed.eq(False).all() and trials.val_ppl.isna().all() and trials.phase2_epochs_run.isna().all()
+    expected = 1e6 * (2 - trials.train_effective_rank_fraction)
+    assert (trials.objective - expected).abs().max() < 1e-6
+    assert "phase2" not in set(iterations.phase)
+
+
+BAD_SPACES = {
+    "unknown key": "params:\n  context_dims: {type: int, low: 8, high: 16}\n",
+    "unknown top key": "params:\n  num_layers: {type: int, low: 1, high: 2}\nfixd: {}\n",
+    "inverted range": "params:\n  num_layers: {type: int, low: 4, high: 2}\n",
+    "empty choices": "params:\n  context_dim: {type: categorical, choices: []}\n",
+    "wrong type": "params:\n  num_layers: {type: float, low: 1.0, high: 2.0}\n",
+    "bad log": "params:\n  phase2_lr: {type: float, low: 0.0, high: 0.1, log: true}\n",
+    "bad fixed type": "params:\n  num_layers: {type: int, low: 1, high: 2}\nfixed:\n  context_dim: sixteen\n",
+    "dims rejected": "params:\n  context_dim: {type: categorical, choices: [8, 16]}\nfixed:\n  hidden_dim: 24\n  embed_dim: 16\n",
+    "not yaml": "params: [unclosed\n",
+    "no params": "fixed:\n  num_layers: 2\n",
+    "bad objective": "objectives: [accuracy]\nparams:\n  num_layers: {type: int, low: 1, high: 2}\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_bad_space_exits_2_before_anything(tmp_path, capsys, case):
+    space = tmp_path / "bad.yaml"
+    space.write_text(BAD_SPACES[case])
+    code = search.main(["--space", str(space), "--name", "x", "--storage-path", str(tmp_path / "res")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and str(space) in err
+    assert not (tmp_path / "res").exists() and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be >= 1"),
+    (["--resume"], "--resume needs --name"),
+    (["--data", "/no/such/corpus"], "does not exist"),
+    (["--space", "/no/such.yaml"], "does not exist"),
+])
+def test_bad_options_exit_2(tmp_path, capsys, args, message):
+    code = search.main(["--storage-path", str(tmp_path / "res"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+
+
+def test_bad_cli_flag_is_usage_error():
+    r = subprocess.run([sys.executable, "-m", "newllm.search", "--num-trials", "many"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+
+
+def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path):
+    space = write_space(tmp_path, "phase1_min_iter: 4")
+    args = [sys.executable, "-m", "newllm.search", "--local", "--space", space, "--name", "r",
+            "--storage-path", str(tmp_path / "res"), "--num-trials", "4", "--concurrency", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    trials_file = tmp_path / "res" / "r" / "trials.parquet"
+    for line in driver.stdout:  # wait until the first trial has finished and landed
+        if "1/4 finished" in line:
+            break
+    assert trials_file.is_file()
+    driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and the driver exits
+    driver.communicate(timeout=120)
+    before = pd.read_parquet(trials_file)
+    assert 1 <= len(before) < 4
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after, iterations = results.load(tmp_path / "res" / "r")
+    assert len(after) == 4 and after.trial_id.is_unique
+    assert set(before.trial_id) <= set(after.trial_id)
+    assert not iterations.duplicated(["trial_id", "phase", "step"]).any()
+    assert (after.status != "error").all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_search(tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "NEWLLM_CACHE": str(tmp_path / "cache")}
+    gcs, dashboard = _free_port(), _free_port()
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                            "--include-dashboard", "true", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        space = write_space(tmp_path)
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--runtime-env-json", '{"excludes": [".venv", "results", ".git"]}', "--",
+             sys.executable, "-m", "newllm.search", "--space", space, "--name", "job",
+             "--storage-path", str(tmp_path / "res"), "--num-trials", "2"],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+        trials, _ = results.load(tmp_path / "res" / "job")
+        assert len(trials) == 2 and set(trials.status) <= {"passed", "gate_failed"}
+    finally:
+        subprocess.run([ray_bin, "stop"], capture_output=True, env=env, timeout=120)
