@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs
 from ray.tune import Callback
 
 TRIALS_FILE = "trials.parquet"
@@ -26,8 +27,15 @@ ITERATIONS_FILE = "iterations.parquet"
 ITERATION_KEY = ["trial_id", "phase", "step"]
 
 
-def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+def write_parquet(df: pd.DataFrame, path: str) -> None:
+    """Write ``df`` to ``path`` atomically: a temporary file renamed over the old one, or, on
+    ``s3://`` / ``gs://`` storage, one object put (atomic there)."""
+    if "://" in path:
+        fs, key = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_output_stream(key) as f:
+            df.to_parquet(f, index=False)
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -39,16 +47,24 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
             os.unlink(tmp)
 
 
-def read_parquet(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+def read_parquet(path: str) -> pd.DataFrame:
+    """The table at ``path`` (local or URI); empty if there is none yet."""
+    if "://" in path:
+        fs, key = pyarrow.fs.FileSystem.from_uri(path)
+        if fs.get_file_info(key).type == pyarrow.fs.FileType.NotFound:
+            return pd.DataFrame()
+        with fs.open_input_file(key) as f:
+            return pd.read_parquet(f)
+    return pd.read_parquet(path) if Path(path).is_file() else pd.DataFrame()
 
 
 def load(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, iterations) of the experiment directory ``path``."""
-    d = Path(path)
-    if not (d / TRIALS_FILE).is_file():
-        raise FileNotFoundError(f"no {TRIALS_FILE} in {str(path)!r}: not a newllm experiment directory")
-    return pd.read_parquet(d / TRIALS_FILE), read_parquet(d / ITERATIONS_FILE)
+    d = str(path).rstrip("/")
+    trials = read_parquet(f"{d}/{TRIALS_FILE}")
+    if trials.empty:
+        raise FileNotFoundError(f"no {TRIALS_FILE} in {d!r}: not a newllm experiment directory")
+    return trials, read_parquet(f"{d}/{ITERATIONS_FILE}")
 
 
 class ParquetResults(Callback):
@@ -70,12 +86,12 @@ class ParquetResults(Callback):
         self._dirty = False
 
     @property
-    def trials_path(self) -> Path:
-        return Path(self.directory) / TRIALS_FILE
+    def trials_path(self) -> str:
+        return f"{self.directory}/{TRIALS_FILE}"
 
     @property
-    def iterations_path(self) -> Path:
-        return Path(self.directory) / ITERATIONS_FILE
+    def iterations_path(self) -> str:
+        return f"{self.directory}/{ITERATIONS_FILE}"
 
     def setup(self, **info) -> None:
         """Start from what is already on disk (a resumed search)."""
