@@ -39,8 +39,9 @@ class TrainConfig:
     min_converged_ratio: float = _f(0.95, "Phase 1 succeeds when this fraction of tokens converged")
     collapse_patience: int = _f(3, "stop Phase 1 after this many passes with train ER below the gate")
     phase1_mode: str = _f("exact", "exact: sequential recurrence; parallel: Jacobi passes", choices=PHASE1_MODES)
-    phase1_streams: int = _f(16, "B contiguous chunks of the stream processed side by side (1 = seed)")
-    phase1_chunk_tokens: int = _f(16384, "tokens per batched backward chunk (bounds memory)")
+    phase1_streams: int = _f(128, "B contiguous chunks of the stream processed side by side, each >= 128 "
+                                  "tokens (fewer on short streams; 1 = the seed's single stream)")
+    phase1_chunk_tokens: int = _f(4096, "tokens per batched backward chunk (bounds memory)")
     # gate
     gate_train_er: float = _f(0.20, "Phase 2 needs train effective rank >= this fraction of C")
     gate_val_er: float = _f(0.08, "Phase 2 needs val effective rank >= this fraction of C")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -74,6 +74,14 @@ def learning_rate(pass_index: int, cfg: TrainConfig) -> float:
 
 # --- passes -----------------------------------------------------------------------------
 
+MIN_STREAM_TOKENS = 128
+
+
+def num_streams(num_tokens: int, cfg: TrainConfig) -> int:
+    """B for a stream of ``num_tokens``: ``cfg.phase1_streams``, fewer if streams would be shorter
+    than MIN_STREAM_TOKENS (a very short stream mostly reads its carried-over start)."""
+    return max(1, min(cfg.phase1_streams, num_tokens // MIN_STREAM_TOKENS))
+
 
 def as_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     """[N, ...] -> [B, N // B, ...]: B contiguous chunks, the N mod B trailing tokens dropped."""
@@ -86,14 +94,14 @@ def as_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     return x[: num_streams * length].reshape(num_streams, length, *x.shape[1:])
 
 
-@torch.no_grad()
 def sequential_pass(model: NewLLM, e: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence over streams e [B, L, E] from contexts ``start`` [B, C]: (inputs, outputs)."""
     outputs = torch.empty(*e.shape[:2], start.shape[-1], device=e.device, dtype=start.dtype)
-    c = start
-    for t in range(e.shape[1]):
-        c = model.update(e[:, t], c)
-        outputs[:, t] = c
+    with torch.inference_mode():  # the per-step dispatch overhead is what this loop is made of
+        c = start
+        for t in range(e.shape[1]):
+            c = model.update(e[:, t], c)
+            outputs[:, t] = c
     return shift_in(outputs, start), outputs
 
 
@@ -197,40 +205,44 @@ def next_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: Train
     return inputs, batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
 
 
+def train_pass(model: NewLLM, optimizer: torch.optim.Optimizer, e: torch.Tensor, previous: torch.Tensor,
+               cfg: TrainConfig, history: list[PassRecord]) -> tuple[PassRecord, torch.Tensor, str | None]:
+    """Pass ``len(history) + 1`` over streams ``e`` from the previous pass's contexts: its record,
+    contexts and stop reason; one optimiser step unless a stop rule ends Phase 1 at this pass."""
+    t0 = time.perf_counter()
+    i = len(history) + 1
+    lr = learning_rate(i, cfg)
+    inputs, outputs = next_pass(model, e, previous, cfg)
+    loss, cvfp, dist, grad = loss_and_output_grad(outputs, previous, cfg.effective_dist_reg_weight)
+    er = effective_rank(singular_values(outputs.flatten(0, 1)))
+    record = PassRecord(i, loss, cvfp, dist, converged_ratio(outputs, previous, cfg.convergence_threshold),
+                        er, er / cfg.context_dim, lr, 0.0)
+    reason = stop_reason(history + [record], cfg)
+    if reason is None:
+        optimizer.zero_grad(set_to_none=True)
+        accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return replace(record, seconds=time.perf_counter() - t0), outputs, reason
+
+
 def train_phase1(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig,
                  on_pass: Callable[[PassRecord], None] | None = None) -> Phase1Result:
     """Train the context-update layers to fixed points on token ids [N]; embeddings stay frozen."""
     start_time = time.perf_counter()
-    params = model.context_parameters()
-    optimizer = torch.optim.Adam(params, lr=cfg.phase1_lr_warmup)
-    w = cfg.effective_dist_reg_weight
+    optimizer = torch.optim.Adam(model.context_parameters(), lr=cfg.phase1_lr_warmup)
     with torch.no_grad():
-        e = as_streams(model.embed(ids), cfg.phase1_streams)
+        e = as_streams(model.embed(ids), num_streams(len(ids), cfg))
     _, previous = first_pass(model, e, cfg)
     history: list[PassRecord] = []
     while True:
-        t0 = time.perf_counter()
-        i = len(history) + 1
-        lr = learning_rate(i, cfg)
-        inputs, outputs = next_pass(model, e, previous, cfg)
-        loss, cvfp, dist, grad = loss_and_output_grad(outputs, previous, w)
-        er = effective_rank(singular_values(outputs.flatten(0, 1)))
-        record = PassRecord(i, loss, cvfp, dist, converged_ratio(outputs, previous, cfg.convergence_threshold),
-                            er, er / cfg.context_dim, lr, 0.0)
-        reason = stop_reason(history + [record], cfg)
-        if reason is None:
-            optimizer.zero_grad(set_to_none=True)
-            accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-        record = PassRecord(**{**record.to_dict(), "seconds": time.perf_counter() - t0})
+        record, previous, reason = train_pass(model, optimizer, e, previous, cfg, history)
         history.append(record)
         if on_pass is not None:
             on_pass(record)
         if reason is not None:
             return Phase1Result(history, reason, time.perf_counter() - start_time)
-        previous = outputs
 
 
 # --- fixed contexts with frozen parameters ------------------------------------------------
@@ -250,7 +262,7 @@ class FixedContexts:
 @torch.no_grad()
 def fixed_contexts(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig) -> FixedContexts:
     """Phase 1's passes with parameters fixed (no optimiser), until converged or max_iter."""
-    e = as_streams(model.embed(ids), cfg.phase1_streams)
+    e = as_streams(model.embed(ids), num_streams(len(ids), cfg))
     inputs, previous = first_pass(model, e, cfg)
     ratio, passes = 0.0, 1
     while passes <= cfg.phase1_max_iter:

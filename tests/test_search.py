@@ -174,12 +174,16 @@ def test_ray_job_submit_runs_the_search(tmp_path):
     try:
         assert start.returncode == 0, start.stderr[-3000:]
         space = write_space(tmp_path)
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--runtime-env-json", '{"excludes": [".venv", "results", ".git"]}', "--",
-             sys.executable, "-m", "newllm.search", "--space", space, "--name", "job",
-             "--storage-path", str(tmp_path / "res"), "--num-trials", "2"],
-            capture_output=True, text=True, env=env, timeout=600)
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                  "--runtime-env-json", '{"excludes": [".venv", "results", ".git"]}', "--",
+                  sys.executable, "-m", "newllm.search", "--space", space, "--name", "job",
+                  "--storage-path", str(tmp_path / "res"), "--num-trials", "2"]
+        deadline = time.monotonic() + 120
+        while True:  # the head accepts jobs once its dashboard agent has registered
+            job = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600)
+            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
         trials, _ = results.load(tmp_path / "res" / "job")
         assert len(trials) == 2 and set(trials.status) <= {"passed", "gate_failed"}

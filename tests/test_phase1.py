@@ -1,0 +1,183 @@
+"""Phase 1: the fast passes against the seed's per-token pass, the corrected targets, stop rules."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from newllm import phase1
+from newllm.config import TrainConfig
+from newllm.model import ModelConfig, NewLLM
+from newllm.phase1 import PassRecord
+from newllm.reference import reference_pass
+
+SMALL = dict(context_dim=8, embed_dim=8, num_layers=2)
+
+
+def small_model(arch: str, seed: int = 0) -> NewLLM:
+    torch.manual_seed(seed)
+    hidden = 16 if arch == "residual" else 12
+    return NewLLM(ModelConfig(vocab_size=40, hidden_dim=hidden, architecture=arch, **SMALL))
+
+
+def one_pass_state(model: NewLLM, num_streams: int, tokens: int = 96):
+    """Streams' embeddings and the contexts of a first pass: what a Phase 1 pass starts from."""
+    torch.manual_seed(1)
+    ids = torch.randint(40, (tokens,))
+    with torch.no_grad():
+        e = phase1.as_streams(model.embed(ids), num_streams)
+    _, previous = phase1.sequential_pass(model, e, model.initial_context((num_streams,)))
+    return e, previous
+
+
+def grads(model: NewLLM) -> list[torch.Tensor]:
+    """Gradients of the context parameters (zeros where none flows, e.g. the residual model's
+    last token LayerNorm, whose output the context never reads)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.context_parameters()]
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+@pytest.mark.parametrize("num_streams", [1, 4])
+def test_fast_pass_gradient_equals_per_token_reference(arch, num_streams):
+    model = small_model(arch)
+    e, previous = one_pass_state(model, num_streams)
+    carry = previous[:, -1]
+
+    ref = copy.deepcopy(model)
+    ref_out, ref_loss, ref_cvfp, ref_dist = reference_pass(ref, e, carry, previous, w=0.3)
+
+    cfg = TrainConfig(**SMALL, hidden_dim=model.cfg.hidden_dim, architecture=arch, phase1_chunk_tokens=1000)
+    inputs, outputs = phase1.next_pass(model, e, previous, cfg)
+    loss, cvfp, dist, grad = phase1.loss_and_output_grad(outputs, previous, 0.3)
+    phase1.accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens)
+
+    torch.testing.assert_close(outputs, ref_out, rtol=1e-5, atol=1e-6)
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and cvfp == pytest.approx(ref_cvfp, rel=1e-5)
+    assert dist == pytest.approx(ref_dist, rel=1e-5)
+    fast, slow = grads(model), grads(ref)
+    assert sum(g.abs().sum() for g in slow) > 0
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+def test_chunked_backward_equals_unchunked(arch):
+    """The dist term couples all tokens through global means and variances: chunking must not change it."""
+    model = small_model(arch)
+    e, previous = one_pass_state(model, num_streams=4)
+    cfg = TrainConfig(**SMALL, hidden_dim=model.cfg.hidden_dim, architecture=arch)
+    inputs, outputs = phase1.next_pass(model, e, previous, cfg)
+    *_, grad = phase1.loss_and_output_grad(outputs, previous, 0.5)
+    result = []
+    for chunk in (7, 10_000):
+        model.zero_grad(set_to_none=True)
+        phase1.accumulate_gradient(model, e, inputs, grad, chunk)
+        result.append(grads(model))
+    for a, b in zip(*result):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_pass_2_cvfp_loss_is_not_zero_and_targets_are_previous_pass():
+    """The seed compared a pass with itself (loss 0, "100% converged" at pass 2). Here pass i's
+    target is pass i-1's contexts, saved before pass i runs."""
+    model = small_model("residual")
+    initial = copy.deepcopy(model)
+    ids = torch.randint(40, (400,), generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(**SMALL, hidden_dim=16, phase1_max_iter=2, phase1_streams=1, collapse_patience=5)
+    result = phase1.train_phase1(model, ids, cfg)
+    assert [r.pass_index for r in result.history] == [1, 2] and result.stop_reason == "max_iter"
+
+    with torch.no_grad():
+        e = phase1.as_streams(initial.embed(ids), 1)
+        _, c0 = phase1.first_pass(initial, e, cfg)
+        _, c1 = phase1.next_pass(initial, e, c0, cfg)      # pass 1: untrained weights
+        _, c2 = phase1.next_pass(model, e, c1, cfg)        # pass 2: weights after one step (no step on the last)
+    assert result.history[0].cvfp_loss == pytest.approx(phase1.cvfp_loss(c1, c0).item(), rel=1e-5)
+    assert result.history[1].cvfp_loss == pytest.approx(phase1.cvfp_loss(c2, c1).item(), rel=1e-5)
+    assert result.history[1].cvfp_loss > 1e-4
+    assert result.history[1].converged_ratio < 1.0
+
+
+def test_context_is_carried_across_positions_and_passes():
+    model = small_model("gated")
+    e, previous = one_pass_state(model, num_streams=3)
+    cfg = TrainConfig(**SMALL, hidden_dim=12, architecture="gated")
+    inputs0, outputs0 = phase1.first_pass(model, e, cfg)
+    assert (inputs0[:, 0] == 0).all()                                   # pass 0 starts from zero
+    torch.testing.assert_close(inputs0[:, 1:], outputs0[:, :-1])        # each position reads its predecessor
+    inputs1, outputs1 = phase1.next_pass(model, e, outputs0, cfg)
+    torch.testing.assert_close(inputs1[:, 0], outputs0[:, -1])          # each stream carries its last context over
+    torch.testing.assert_close(inputs1[:, 1:], outputs1[:, :-1])
+    assert not torch.allclose(outputs1[:, 0], outputs0[:, 0])
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+def test_jacobi_iteration_reaches_the_exact_recurrence(arch):
+    """With a fixed start, L Jacobi passes over streams of length L give the recurrence's contexts."""
+    model = small_model(arch)
+    e, _ = one_pass_state(model, num_streams=2, tokens=40)
+    start = torch.randn(2, 8)
+    _, exact = phase1.sequential_pass(model, e, start)
+    jacobi = torch.zeros_like(exact)
+    for k in range(e.shape[1]):
+        jacobi = phase1.batched_update(model, e, phase1.shift_in(jacobi, start), chunk_tokens=16)
+        if k == 0:
+            assert not torch.allclose(jacobi[:, 1:], exact[:, 1:], atol=1e-3)
+    torch.testing.assert_close(jacobi, exact, rtol=1e-5, atol=1e-5)
+
+
+def record(i: int, ratio: float, er_fraction: float = 0.5, loss: float = 1.0) -> PassRecord:
+    return PassRecord(i, loss, loss, 0.0, ratio, er_fraction * 8, er_fraction, 1e-3, 0.1)
+
+
+def test_stop_rules():
+    cfg = TrainConfig(**SMALL, hidden_dim=16, phase1_max_iter=6, phase1_min_iter=3, collapse_patience=2)
+    assert phase1.stop_reason([record(1, 0.99)], cfg) is None  # converged too early to count
+    assert phase1.stop_reason([record(1, 0.5), record(2, 0.6), record(3, 0.96)], cfg) == "converged"
+    assert phase1.stop_reason([record(1, 0.5), record(2, 0.48), record(3, 0.46)], cfg) == "convergence_falling"
+    assert phase1.stop_reason([record(1, 0.5), record(2, 0.495), record(3, 0.46)], cfg) is None
+    assert phase1.stop_reason([record(1, 0.1, 0.1), record(2, 0.2, 0.15)], cfg) == "collapsed"
+    assert phase1.stop_reason([record(1, 0.1, 0.5), record(2, 0.2, 0.15)], cfg) is None
+    assert phase1.stop_reason([record(i, 0.1 * i) for i in range(1, 7)], cfg) == "max_iter"
+    assert phase1.stop_reason([record(1, 0.1, loss=float("nan"))], cfg) == "diverged"
+
+
+def test_learning_rate_schedule_follows_the_seed():
+    cfg = TrainConfig(**SMALL, hidden_dim=16)
+    assert [phase1.learning_rate(i, cfg) for i in (1, 3, 4, 8, 9, 20)] == [0.002, 0.002, 0.0005, 0.0005, 0.0001, 0.0001]
+
+
+def test_loss_weights_and_no_dist_reg():
+    c, t = torch.randn(50, 8), torch.randn(50, 8)
+    loss, cvfp, dist = phase1.phase1_loss(c, t, 0.25)
+    assert loss.item() == pytest.approx(0.75 * cvfp.item() + 0.25 * dist.item())
+    assert phase1.dist_loss(torch.randn(100_000, 4)).item() < 0.01  # N(0, 1) contexts are not penalised
+    assert TrainConfig(**SMALL, hidden_dim=16, dist_reg=False).effective_dist_reg_weight == 0.0
+
+
+def test_number_of_streams_keeps_streams_long_enough():
+    cfg = TrainConfig(**SMALL, hidden_dim=16, phase1_streams=64)
+    assert phase1.num_streams(100_000, cfg) == 64
+    assert phase1.num_streams(1000, cfg) == 1000 // phase1.MIN_STREAM_TOKENS
+    assert phase1.num_streams(50, cfg) == 1
+    assert phase1.num_streams(100_000, replace(cfg, phase1_streams=1)) == 1
+
+
+@pytest.mark.parametrize("mode", ["exact", "parallel"])
+def test_phase1_is_deterministic_and_validation_passes_freeze_weights(mode):
+    cfg = TrainConfig(**SMALL, hidden_dim=16, phase1_max_iter=4, phase1_mode=mode, phase1_streams=2)
+    ids = torch.randint(40, (600,), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for _ in range(2):
+        model = small_model("residual", seed=5)
+        runs.append((phase1.train_phase1(model, ids, cfg), model))
+    (a, model_a), (b, _) = runs
+    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    assert [r.effective_rank for r in a.history] == [r.effective_rank for r in b.history]
+    before = [p.clone() for p in model_a.parameters()]
+    fixed = phase1.fixed_contexts(model_a, ids, cfg)
+    assert all(torch.equal(p, q) for p, q in zip(before, model_a.parameters()))
+    assert fixed.contexts.shape == (len(fixed.ids), 8) and 1 <= fixed.passes <= cfg.phase1_max_iter + 1
