@@ -13,8 +13,8 @@ Phase 1 training pass of
   gemm       a plain matmul of the blocks' shapes, for this machine's matmul rate (the best
              of 1k, 4k and 16k rows)
 
-The fast passes and the GEMM are timed in interleaved rounds (medians reported; each round's
-fraction of GEMM uses that round's GEMM rate); the reference, at a few hundred tokens per
+The fast passes and the GEMM are timed in interleaved rounds, so that a slow spell of a shared
+machine hits each alike, and their medians reported; the reference, at a few hundred tokens per
 second, is one pass over the whole stream.
 
 and report token-passes per second, the ratios against the reference, and useful FLOP/s
@@ -160,7 +160,6 @@ def run_size(name: str, ids: torch.Tensor, vocab_size: int, args: argparse.Names
     exact = fast_passes(model, ids, cfg, args.device)
     parallel = fast_passes(model, ids, replace(cfg, phase1_mode="parallel"), args.device)
     next(exact), next(parallel)  # warm-up passes
-    # interleaved rounds, so that a slow spell of a shared machine hits every method alike
     rounds = [(gemm_rate(model, args.device), len(ids) / next(exact), len(ids) / next(parallel))
               for _ in range(args.repeats)]
     gemm = statistics.median(r[0] for r in rounds)
@@ -170,9 +169,7 @@ def run_size(name: str, ids: torch.Tensor, vocab_size: int, args: argparse.Names
            "token_passes_per_s": rate, "fast_over_reference": rate["exact"] / rate["reference"],
            "parallel_over_reference": rate["parallel"] / rate["reference"], "gemm_flops": gemm,
            "useful_flops_per_token_pass": flops,
-           "gemm_fraction": {"reference": reference * flops / gemm,
-                             "exact": statistics.median(r[1] * flops / r[0] for r in rounds),
-                             "parallel": statistics.median(r[2] * flops / r[0] for r in rounds)}}
+           "gemm_fraction": {k: r * flops / gemm for k, r in rate.items()}}
     if not args.no_convergence:
         row["convergence"] = convergence(model, ids, cfg)
     return row

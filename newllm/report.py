@@ -8,7 +8,7 @@ from __future__ import annotations
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, TokenData
 from newllm.metrics import FixedPointAnalysis
-from newllm.phase1 import PassRecord
+from newllm.phase1 import PassRecord, num_streams
 from newllm.phase2 import EpochRecord
 
 RULE = "=" * 70
@@ -24,7 +24,9 @@ def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData,
     print(f"   Layers: {cfg.num_layers}")
     print(f"   Context dim: {cfg.context_dim}\n   Embed dim: {cfg.embed_dim}\n   Hidden dim: {cfg.hidden_dim}")
     print("\nPhase 1 Settings (CVFP):")
-    print(f"   Max passes: {cfg.phase1_max_iter}  ({cfg.phase1_mode} passes, {cfg.phase1_streams} streams)")
+    streams = num_streams(len(data.train_ids), cfg)
+    print(f"   Max passes: {cfg.phase1_max_iter}  ({cfg.phase1_mode} passes, {streams} streams of "
+          f"{len(data.train_ids) // streams} tokens)")
     print(f"   Convergence threshold: {cfg.convergence_threshold}")
     print(f"   Min converged ratio: {cfg.min_converged_ratio}")
     print(f"   LR schedule: {cfg.phase1_lr_warmup} -> {cfg.phase1_lr_medium} -> {cfg.phase1_lr_finetune}")
