@@ -22,8 +22,8 @@ from ray.tune import Callback
 
 from newllm import __version__
 from newllm.config import field_types
-from newllm.data import DataConfig, prepare_data
-from newllm.space import SearchSpace, SpaceError, load_space
+from newllm.data import prepare_data
+from newllm.space import SearchSpace, load_space
 from newllm.train import add_data_arguments, data_config_from_args
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
