@@ -292,33 +292,13 @@ def test_export_needs_exactly_one_of_trial_and_best(tmp_path, experiment, capsys
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-SEARCH_SPACE = """
-num_trials: 2
-params:
-  context_dim: {type: categorical, choices: [8, 16]}
-  num_layers: {type: int, low: 1, high: 2}
-fixed:
-  embed_dim: 8
-  phase1_max_iter: 4
-  phase1_streams: 4
-  phase2_epochs: 2
-  phase2_lr: 0.001
-  phase2_batch_size: 64
-  gate_train_er: 0.0
-  gate_val_er: 0.0
-data:
-  num_samples: 6
-  vocab_size: 300
-"""
-
-
-def test_export_of_a_tiny_search_loads_and_generates(tmp_path, monkeypatch):
+def test_export_of_a_tiny_search_loads_and_generates(tmp_path, monkeypatch, tiny_space):
     monkeypatch.setenv("NEWLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    space = tmp_path / "space.yaml"
-    space.write_text(SEARCH_SPACE)  # gates at 0: every trial that does not diverge passes
+    space = tiny_space("gate_train_er: 0.0\n  gate_val_er: 0.0")  # every trial that does not diverge passes
     try:
-        code = search.main(["--local", "--space", str(space), "--name", "tiny", "--storage-path", str(tmp_path / "res")])
+        code = search.main(["--local", "--space", space, "--name", "tiny", "--storage-path", str(tmp_path / "res"),
+                            "--num-trials", "2"])
     finally:
         ray.shutdown()
     assert code == 0

@@ -18,25 +18,6 @@ from newllm import results, search
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_SPACE = """
-num_trials: 3
-params:
-  context_dim: {type: categorical, choices: [8, 16]}
-  num_layers: {type: int, low: 1, high: 2}
-  dist_reg_weight: {type: float, low: 0.1, high: 0.8}
-fixed:
-  embed_dim: 8
-  phase1_max_iter: 4
-  phase1_streams: 4
-  phase2_epochs: 2
-  phase2_lr: 0.001
-  phase2_batch_size: 64
-  %s
-data:
-  num_samples: 6
-  vocab_size: 300
-"""
-
 
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
@@ -47,12 +28,6 @@ def _env(tmp_path, monkeypatch):
         ray.shutdown()
 
 
-def write_space(tmp_path: Path, extra: str = "", name: str = "tiny.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(TINY_SPACE % extra)
-    return str(path)
-
-
 def run_search(tmp_path: Path, space: str, name: str, *extra: str) -> pd.DataFrame:
     assert search.main(["--local", "--space", space, "--name", name, "--storage-path", str(tmp_path / "res"), *extra]) == 0
     ray.shutdown()
@@ -60,8 +35,8 @@ def run_search(tmp_path: Path, space: str, name: str, *extra: str) -> pd.DataFra
     return trials, iterations
 
 
-def test_small_search_writes_one_typed_row_per_trial(tmp_path):
-    trials, iterations = run_search(tmp_path, write_space(tmp_path), "ok")
+def test_small_search_writes_one_typed_row_per_trial(tmp_path, tiny_space):
+    trials, iterations = run_search(tmp_path, tiny_space(), "ok")
     assert len(trials) == 3 and trials.trial_id.is_unique
     assert str(trials.context_dim.dtype) == "int64" and str(trials.dist_reg_weight.dtype) == "float64"
     assert str(trials.architecture.dtype) in ("object", "str", "string")
@@ -82,8 +57,8 @@ def test_small_search_writes_one_typed_row_per_trial(tmp_path):
     assert iterations.objective.notna().all()
 
 
-def test_gate_failure_skips_phase2(tmp_path):
-    trials, iterations = run_search(tmp_path, write_space(tmp_path, "gate_train_er: 1.0"), "gate", "--num-trials", "2")
+def test_gate_failure_skips_phase2(tmp_path, tiny_space):
+    trials, iterations = run_search(tmp_path, tiny_space("gate_train_er: 1.0"), "gate", "--num-trials", "2")
     assert list(trials.status) == ["gate_failed", "gate_failed"]
     assert trials.gate_passed.eq(False).all() and trials.val_ppl.isna().all() and trials.phase2_epochs_run.isna().all()
     expected = 1e6 * (2 - trials.train_effective_rank_fraction)
@@ -133,8 +108,8 @@ def test_bad_cli_flag_is_usage_error():
     assert r.returncode == 2 and "invalid int value" in r.stderr
 
 
-def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path):
-    space = write_space(tmp_path, "phase1_min_iter: 4")
+def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path, tiny_space):
+    space = tiny_space("phase1_min_iter: 4")
     args = [sys.executable, "-m", "newllm.search", "--local", "--space", space, "--name", "r",
             "--storage-path", str(tmp_path / "res"), "--num-trials", "4", "--concurrency", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -163,7 +138,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_the_search(tmp_path):
+def test_ray_job_submit_runs_the_search(tmp_path, tiny_space):
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NEWLLM_CACHE": str(tmp_path / "cache")}
     gcs, dashboard = _free_port(), _free_port()
@@ -173,7 +148,7 @@ def test_ray_job_submit_runs_the_search(tmp_path):
                            capture_output=True, text=True, env=env, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
-        space = write_space(tmp_path)
+        space = tiny_space()
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
                   "--runtime-env-json", '{"excludes": [".venv", "results", ".git"]}', "--",
                   sys.executable, "-m", "newllm.search", "--space", space, "--name", "job",
