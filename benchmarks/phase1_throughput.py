@@ -116,7 +116,7 @@ def fast_passes(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: str)
 def time_reference(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: str) -> float:
     """Seconds of one Phase 1 training pass of the seed's per-token loop on the whole stream."""
     model = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.context_parameters(), lr=cfg.phase1_lr_medium)
+    optimizer = torch.optim.Adam(model.context_parameters())
     with torch.no_grad():
         e = model.embed(ids)[None]
         previous = phase1.sequential_pass(model, e, model.initial_context((1,)))[1]

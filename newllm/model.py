@@ -52,18 +52,19 @@ class ModelConfig:
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """One residual layer; the ``last`` one skips its token half, which nothing reads (the same
+    context, 1 / (2L) fewer FLOPs at H = 2C; the weights keep their full shape)."""
+
+    def __init__(self, cfg: ModelConfig, last: bool = False):
         super().__init__()
-        self.context_dim = cfg.context_dim
+        self.context_dim, self.last = cfg.context_dim, last
         self.fnn = nn.Linear(cfg.context_dim + cfg.embed_dim, cfg.hidden_dim)
         self.context_norm = nn.LayerNorm(cfg.context_dim)
         self.token_norm = nn.LayerNorm(cfg.embed_dim)
 
-    def forward(self, c: torch.Tensor, x: torch.Tensor, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's (context, token vector); the ``last`` layer skips the token half, which
-        nothing reads (the same context, 1 / (2L) fewer FLOPs at H = 2C)."""
+    def forward(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cx = torch.cat([c, x], dim=-1)
-        if last:
+        if self.last:
             y = F.relu(F.linear(cx, self.fnn.weight[: self.context_dim], self.fnn.bias[: self.context_dim]))
             return self.context_norm(c + y), x
         y = F.relu(self.fnn(cx))
@@ -81,7 +82,7 @@ class GatedBlock(nn.Module):
         self.candidate = nn.Linear(cfg.hidden_dim, cfg.context_dim)
         self.context_norm = nn.LayerNorm(cfg.context_dim)
 
-    def forward(self, c: torch.Tensor, x: torch.Tensor, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.inputs(torch.cat([c, x], dim=-1))
         h, f, i = z.split([self.hidden_dim, self.context_dim, self.context_dim], dim=-1)
         candidate = torch.tanh(self.candidate(F.relu(h)))
@@ -97,8 +98,11 @@ class NewLLM(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.embed_norm = nn.LayerNorm(cfg.embed_dim)
-        block = ResidualBlock if cfg.architecture == "residual" else GatedBlock
-        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
+        if cfg.architecture == "residual":
+            blocks = [ResidualBlock(cfg, last=i == cfg.num_layers - 1) for i in range(cfg.num_layers)]
+        else:
+            blocks = [GatedBlock(cfg) for _ in range(cfg.num_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(cfg.context_dim, cfg.vocab_size)
 
     def num_params(self) -> int:
@@ -114,8 +118,8 @@ class NewLLM(nn.Module):
     def update(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """One context update f(e, c) -> c' for embedded tokens e, any leading shape."""
         x = e
-        for i, block in enumerate(self.blocks):
-            c, x = block(c, x, last=i == len(self.blocks) - 1)
+        for block in self.blocks:
+            c, x = block(c, x)
         return c
 
     def initial_context(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
