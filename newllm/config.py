@@ -48,7 +48,9 @@ class TrainConfig:
     # Phase 2 (token prediction)
     phase2_lr: float = _f(0.0001, "Phase 2 learning rate")
     phase2_epochs: int = _f(10, "maximum Phase 2 epochs")
-    phase2_batch_size: int = _f(32, "Phase 2 batch size (tokens)")
+    phase2_batch_size: int = _f(32, "Phase 2 tokens per optimiser step: streams x phase2_bptt window "
+                                    "(shuffled positions with freeze_context)")
+    phase2_bptt: int = _f(8, "Phase 2 truncated-backpropagation window (tokens) through the recurrence")
     phase2_patience: int = _f(3, "Phase 2 early-stopping patience (epochs without val improvement)")
     skip_phase2: bool = _f(False, "run Phase 1 only")
     freeze_context: bool = _f(False, "train only the token head in Phase 2 (context layers frozen)")
@@ -57,7 +59,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.model_config(vocab_size=1)  # raises on a dimension combination the model rejects
         positive = ("phase1_max_iter", "phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
-                    "phase2_batch_size", "phase2_patience", "collapse_patience")
+                    "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -68,6 +70,9 @@ class TrainConfig:
         for name in ("dist_reg_weight", "min_converged_ratio", "gate_train_er", "gate_val_er"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.phase2_bptt > self.phase2_batch_size:
+            raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= phase2_batch_size ({self.phase2_batch_size}): "
+                             f"a step's batch is streams x window tokens")
         if self.phase1_mode not in PHASE1_MODES:
             raise ValueError(f"phase1_mode must be one of {PHASE1_MODES}, got {self.phase1_mode!r}")
 

@@ -133,17 +133,10 @@ class NewLLMForCausalLM(PreTrainedModel, GenerationMixin):
         ``attention_mask`` (left padding) leaves the context unchanged at that position.
         """
         m = self.newllm
-        length = input_ids.shape[1]
-        keep = None if attention_mask is None else attention_mask[:, -length:].bool()
-        c = m.initial_context(input_ids.shape[:1]) if context is None else context
-        first_kept = length - logits_to_keep if 0 < logits_to_keep and labels is None else 0
-        contexts = []
-        for t in range(length):
-            updated = m.update(m.embed(input_ids[:, t]), c)
-            c = updated if keep is None else torch.where(keep[:, t, None], updated, c)
-            if t >= first_kept:
-                contexts.append(c)
-        logits = m.head(torch.stack(contexts, dim=1))
+        mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:].bool()
+        keep_last = logits_to_keep if 0 < logits_to_keep and labels is None else None
+        contexts, c = m.scan(input_ids, context, mask=mask, keep_last=keep_last)
+        logits = m.head(contexts)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -126,25 +126,47 @@ class NewLLM(nn.Module):
         p = self.head.weight
         return torch.zeros(*batch_shape, self.cfg.context_dim, device=p.device, dtype=p.dtype)
 
+    def scan(self, tokens: torch.Tensor, context: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+             keep_last: int | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrence, the one place it is written: read ``tokens`` from ``context`` (zeros if
+        None), carrying the context from each position to the next.
+
+        ``tokens`` are ids [..., T], embedded one step at a time (memory constant in T), or
+        embeddings [..., T, E] that the caller computed once (Phase 1 reads the same stream
+        every pass). Where ``mask`` [..., T] is False the context is left unchanged (left
+        padding). Returns (contexts after each position [..., T, C], or only the last
+        ``keep_last`` of them; the context after the last position). With ``out`` [..., T, C]
+        the contexts are written there instead (no autograd: the inference fast path).
+        """
+        embedded = tokens.is_floating_point()
+        length = tokens.shape[-2] if embedded else tokens.shape[-1]
+        c = self.initial_context(tokens.shape[:-2] if embedded else tokens.shape[:-1]) if context is None else context
+        first_kept = 0 if keep_last is None else length - keep_last
+        kept = []
+        for t in range(length):
+            e = tokens[..., t, :] if embedded else self.embed(tokens[..., t])
+            updated = self.update(e, c)
+            c = updated if mask is None else torch.where(mask[..., t, None], updated, c)
+            if out is not None:
+                out[..., t, :] = c
+            elif t >= first_kept:
+                kept.append(c)
+        if out is not None:
+            return out, c
+        if not kept:
+            return c.new_empty(*c.shape[:-1], 0, c.shape[-1]), c
+        return torch.stack(kept, dim=-2), c
+
     def contexts(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Contexts after each token of ``ids`` [..., T], carrying the context across positions."""
-        c = self.initial_context(ids.shape[:-1]) if context is None else context
-        e = self.embed(ids)
-        out = []
-        for t in range(ids.shape[-1]):
-            c = self.update(e[..., t, :], c)
-            out.append(c)
-        return torch.stack(out, dim=-2)
+        return self.scan(ids, context)[0]
 
     def forward(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits at every position of ``ids`` [..., T], and the last context."""
-        contexts = self.contexts(ids, context)
-        return self.head(contexts), contexts[..., -1, :]
+        contexts, last = self.scan(ids, context)
+        return self.head(contexts), last
 
     @torch.no_grad()
     def read(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Stream ``ids`` [..., T] of any length and return only the last context: O(1) memory."""
-        c = self.initial_context(ids.shape[:-1]) if context is None else context
-        for t in range(ids.shape[-1]):
-            c = self.update(self.embed(ids[..., t]), c)
-        return c
+        return self.scan(ids, context, keep_last=0)[1]

@@ -98,10 +98,7 @@ def sequential_pass(model: NewLLM, e: torch.Tensor, start: torch.Tensor) -> tupl
     """The recurrence over streams e [B, L, E] from contexts ``start`` [B, C]: (inputs, outputs)."""
     outputs = torch.empty(*e.shape[:2], start.shape[-1], device=e.device, dtype=start.dtype)
     with torch.inference_mode():  # the per-step dispatch overhead is what this loop is made of
-        c = start
-        for t in range(e.shape[1]):
-            c = model.update(e[:, t], c)
-            outputs[:, t] = c
+        model.scan(e, start, out=outputs)
     return shift_in(outputs, start), outputs
 
 

@@ -97,9 +97,15 @@ def print_result(result) -> None:
         _banner(f"DIVERGED after {result.phase1.passes} Phase 1 passes (non-finite loss or contexts)")
     p2 = result.phase2
     if p2 is not None:
-        best = p2.best
-        print(f"\nPhase 2: {len(p2.history)} epochs ({p2.stop_reason}) in {p2.seconds:.1f}s; best epoch {p2.best_epoch}: "
-              f"val_loss={best.val_loss:.4f}, val_ppl={best.val_ppl:.2f}, val_acc={best.val_acc:.1%}")
+        mode = "head only" if result.config.freeze_context else f"{p2.streams} streams x {p2.window}-token windows"
+        print(f"\nPhase 2 ({mode}): {len(p2.history)} epochs ({p2.stop_reason}) in {p2.seconds:.1f}s; "
+              f"best epoch {p2.best_epoch}")
+        print(f"Final model, reading the val stream from zero context: val_loss={result.val_loss:.4f}, "
+              f"val_ppl={result.val_ppl:.2f}, val_acc={result.val_acc:.1%}")
+        if result.final_analysis is not None:
+            print(f"Final weights: effective rank {result.final_analysis.effective_rank_fraction:.1%} of C, "
+                  f"{result.final_converged_ratio:.1%} converged (Phase 1 ended at "
+                  f"{result.train_analysis.effective_rank_fraction:.1%} and {result.phase1.converged_ratio:.1%})")
     elif result.gate is not None and result.gate.passed:
         print("\n  Phase 2 skipped (--skip-phase2).")
     print(f"\nStatus: {result.status}, objective {result.objective:.6g}")

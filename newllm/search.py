@@ -101,8 +101,10 @@ SUMMARY_COLUMNS = {
     "train_effective_rank": "float64", "train_effective_rank_fraction": "float64", "val_effective_rank": "float64",
     "val_effective_rank_fraction": "float64", "gate_passed": "boolean", "gate_reason": "string",
     "phase2_epochs_run": "Int64", "phase2_best_epoch": "Int64", "phase2_stop_reason": "string",
-    "val_loss": "float64", "val_ppl": "float64", "val_acc": "float64", "phase1_seconds": "float64",
-    "analysis_seconds": "float64", "phase2_seconds": "float64", "trial_seconds": "float64",
+    "phase2_streams": "Int64", "val_loss": "float64", "val_ppl": "float64", "val_acc": "float64",
+    "final_effective_rank_fraction": "float64", "final_converged_ratio": "float64", "phase1_seconds": "float64",
+    "analysis_seconds": "float64", "phase2_seconds": "float64", "final_analysis_seconds": "float64",
+    "trial_seconds": "float64",
 }
 CONFIG_DTYPES = {int: "int64", float: "float64", bool: "bool", str: "string"}
 

@@ -31,7 +31,7 @@ from newllm.data import DataConfig, TokenData, prepare_data
 from newllm.metrics import FixedPointAnalysis, GateResult, analyse_fixed_points, gate
 from newllm.model import NewLLM
 from newllm.phase1 import Phase1Result, PassRecord, fixed_contexts, train_phase1
-from newllm.phase2 import EpochRecord, Phase2Result, train_phase2
+from newllm.phase2 import EpochRecord, Phase2Result, perplexity, stream_metrics, train_phase2
 
 GATE_PENALTY = 1e6
 DIVERGED_PENALTY = 1e7
@@ -52,7 +52,15 @@ class TrainResult:
     val_converged_ratio: float | None = None
     gate: GateResult | None = None
     phase2: Phase2Result | None = None
+    val_loss: float | None = None  # the final model's, by phase2.stream_metrics (= the best epoch's)
+    val_acc: float | None = None
+    final_analysis: FixedPointAnalysis | None = None  # of the final weights, when Phase 2 moved them
+    final_converged_ratio: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def val_ppl(self) -> float | None:
+        return None if self.val_loss is None else perplexity(self.val_loss)
 
     @property
     def objective(self) -> float:
@@ -60,12 +68,11 @@ class TrainResult:
             return DIVERGED_PENALTY
         if self.status == "gate_failed":
             return gate_failed_objective(self.train_analysis.effective_rank_fraction)
-        return self.phase2.best.val_ppl if self.phase2 else math.nan
+        return self.val_ppl if self.val_ppl is not None else math.nan
 
     def summary(self) -> dict:
         """Flat, JSON-ready record of the run: one row of a search's trials table."""
-        a, v, p2 = self.train_analysis, self.val_analysis, self.phase2
-        best = p2.best if p2 else None
+        a, v, p2, f = self.train_analysis, self.val_analysis, self.phase2, self.final_analysis
         return {
             "status": self.status,
             "objective": self.objective,
@@ -83,11 +90,15 @@ class TrainResult:
             "phase2_epochs_run": len(p2.history) if p2 else None,
             "phase2_best_epoch": p2.best_epoch if p2 else None,
             "phase2_stop_reason": p2.stop_reason if p2 else None,
-            "val_loss": best.val_loss if best else None,
-            "val_ppl": best.val_ppl if best else None,
-            "val_acc": best.val_acc if best else None,
+            "phase2_streams": p2.streams if p2 else None,
+            "val_loss": self.val_loss,
+            "val_ppl": self.val_ppl,
+            "val_acc": self.val_acc,
+            "final_effective_rank_fraction": f.effective_rank_fraction if f else None,
+            "final_converged_ratio": self.final_converged_ratio,
             "phase1_seconds": self.phase1.seconds,
             "analysis_seconds": self.seconds.get("analysis"),
+            "final_analysis_seconds": self.seconds.get("final_analysis"),
             "phase2_seconds": p2.seconds if p2 else None,
         }
 
@@ -130,8 +141,17 @@ def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, phase1: Phase1Res
     result.status = "passed"
     if cfg.skip_phase2:
         return result
-    result.phase2 = train_phase2(model, train_fixed, val_fixed, cfg, on_epoch=on_epoch)
-    if result.phase2.stop_reason == "diverged" or not result.phase2.best.val_ppl < GATE_PENALTY:
+    result.phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=on_epoch)
+    # measured again on the weights the run ends with (and saves): what a user of the model gets
+    result.val_loss, result.val_acc = stream_metrics(model, val_ids)
+    if not cfg.freeze_context:
+        t0 = time.perf_counter()
+        final = fixed_contexts(model, train_ids, cfg)
+        if torch.isfinite(final.contexts).all():
+            result.final_analysis = analyse_fixed_points(final.contexts, seed=cfg.seed)
+            result.final_converged_ratio = final.converged_ratio
+        result.seconds["final_analysis"] = time.perf_counter() - t0
+    if result.phase2.stop_reason == "diverged" or not result.val_ppl < GATE_PENALTY:
         result.status = "diverged"
     return result
 

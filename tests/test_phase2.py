@@ -1,0 +1,158 @@
+"""Phase 2: the one val definition, truncated BPTT through the recurrence, the frozen mode,
+early stopping with the best weights restored."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm import phase2
+from newllm.config import TrainConfig
+from newllm.model import ModelConfig, NewLLM
+from newllm.phase1 import fixed_contexts
+
+VOCAB = 12
+
+
+def small_model(arch: str = "residual", seed: int = 0) -> NewLLM:
+    torch.manual_seed(seed)
+    hidden = 16 if arch == "residual" else 12
+    return NewLLM(ModelConfig(vocab_size=VOCAB, context_dim=8, embed_dim=8, hidden_dim=hidden, num_layers=2,
+                              architecture=arch))
+
+
+def config(**overrides) -> TrainConfig:
+    values = dict(context_dim=8, embed_dim=8, hidden_dim=16, num_layers=2, phase1_streams=2, phase1_max_iter=3,
+                  phase2_epochs=3, phase2_batch_size=16, phase2_bptt=4, phase2_lr=0.01, seed=0)
+    return TrainConfig(**{**values, **overrides})
+
+
+class GradientRecorder(torch.optim.Optimizer):
+    """An optimiser that keeps each step's gradients and leaves the weights alone."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.steps: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.steps.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                           for group in self.param_groups for p in group["params"]])
+
+
+# --- the val definition ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+def test_stream_metrics_are_the_model_reading_the_stream_from_zero_context(arch):
+    model = small_model(arch)
+    ids = torch.randint(VOCAB, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # by hand: one sequence, context carried, every token after the first predicted
+        c, logits = model.initial_context(), []
+        for t in range(len(ids) - 1):
+            c = model.update(model.embed(ids[t]), c)
+            logits.append(model.head(c))
+        logits = torch.stack(logits)
+    loss, acc = phase2.stream_metrics(model, ids)
+    assert phase2.predicted_positions(len(ids)) == len(logits) == 39
+    assert loss == pytest.approx(float(F.cross_entropy(logits, ids[1:])), rel=1e-6)
+    assert acc == pytest.approx(float((logits.argmax(-1) == ids[1:]).float().mean()))
+    with pytest.raises(ValueError, match="no next token"):
+        phase2.stream_metrics(model, ids[:1])
+
+
+# --- truncated backpropagation through the recurrence ---------------------------------------
+
+
+def hand_detached_gradients(model: NewLLM, e, targets, start, window: int, params) -> list[list[torch.Tensor]]:
+    """Per-window gradients (clipped as training clips them) of the mean cross-entropy, the
+    context detached by hand at every window boundary: the definition of truncated BPTT."""
+    steps, c = [], start
+    for s in range(0, e.shape[1], window):
+        c, logits = c.detach(), []
+        for t in range(s, min(s + window, e.shape[1])):
+            c = model.update(e[:, t], c)
+            logits.append(model.head(c))
+        loss = F.cross_entropy(torch.stack(logits, 1).flatten(0, 1), targets[:, s:s + window].flatten())
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, phase2.GRAD_CLIP)
+        steps.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+    return steps
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+def test_truncated_bptt_gradients_equal_a_hand_detached_reference(arch):
+    model = small_model(arch)
+    ids = torch.randint(VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        e = model.embed(ids[:, :-1])
+    targets, start = ids[:, 1:], torch.randn(2, 8, generator=torch.Generator().manual_seed(6))
+    params = list(model.head.parameters()) + model.context_parameters()
+    for window in (4, 12):  # 12: one window over the whole stream, i.e. full backpropagation
+        recorder = GradientRecorder(params)
+        _, last = phase2.tbptt_epoch(model, recorder, params, e, targets, start, window)
+        expected = hand_detached_gradients(model, e, targets, start, window, params)
+        assert len(recorder.steps) == len(expected) == -(-12 // window)
+        for got, want in zip(recorder.steps, expected):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(last, model.scan(e, start)[1].detach())
+    # the truncation matters: the first window's gradient differs from full backpropagation's
+    truncated = hand_detached_gradients(model, e, targets, start, 4, params)[0]
+    full = hand_detached_gradients(model, e, targets, start, 12, params)[0]
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(truncated, full))
+
+
+# --- train_phase2 ---------------------------------------------------------------------------
+
+
+def phase2_data(model: NewLLM, cfg: TrainConfig, train_ids: torch.Tensor):
+    return fixed_contexts(model, train_ids, cfg)
+
+
+def test_freeze_context_trains_only_the_head():
+    model, cfg = small_model(), config(freeze_context=True)
+    ids = torch.randint(VOCAB, (200,), generator=torch.Generator().manual_seed(1))
+    before = copy.deepcopy(model.state_dict())
+    result = phase2.train_phase2(model, phase2_data(model, cfg, ids), ids[:60], cfg)
+    after = model.state_dict()
+    assert result.streams == 0 and len(result.history) >= 1
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == name.startswith("head."), name
+
+
+def test_default_mode_trains_the_recurrence_and_reports_the_model_it_keeps():
+    model, cfg = small_model(), config()
+    ids = torch.randint(VOCAB, (200,), generator=torch.Generator().manual_seed(1))
+    before = copy.deepcopy(model.state_dict())
+    result = phase2.train_phase2(model, phase2_data(model, cfg, ids), ids[:60], cfg)
+    assert (result.streams, result.window) == (4, 4)  # 16 tokens a step: 4 streams x 4-token windows
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith("blocks."))
+    assert not any(not torch.equal(before[k], v) for k, v in model.state_dict().items()
+                   if k.startswith("token_embedding."))
+    # what the kept weights do on the val stream is the best epoch's reported figure
+    assert phase2.stream_metrics(model, ids[:60]) == (result.best.val_loss, result.best.val_acc)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_early_stopping_restores_the_best_epoch(freeze):
+    """Train on one cycle of tokens and validate on the reverse cycle: the better the model
+    learns the training text, the worse it predicts the val text, so val loss rises."""
+    model, cfg = small_model(), config(freeze_context=freeze, phase2_lr=0.05, phase2_patience=2, phase2_epochs=12)
+    train_ids = torch.arange(300) % VOCAB
+    val_ids = torch.arange(60).flip(0) % VOCAB
+    result = phase2.train_phase2(model, phase2_data(model, cfg, train_ids), val_ids, cfg)
+    losses = [r.val_loss for r in result.history]
+    assert result.stop_reason == "early_stopping"
+    assert len(losses) == result.best_epoch + cfg.phase2_patience
+    assert losses[result.best_epoch - 1] == min(losses) < losses[-1]
+    assert phase2.stream_metrics(model, val_ids)[0] == losses[result.best_epoch - 1]
+
+
+def test_bptt_window_cannot_exceed_the_batch():
+    with pytest.raises(ValueError, match="phase2_bptt .* must be <= phase2_batch_size"):
+        config(phase2_bptt=32, phase2_batch_size=16)
