@@ -1,4 +1,4 @@
-"""Phase 1 throughput: the seed's per-token pass against newllm's fast exact and parallel passes.
+"""Phase 1 throughput: the seed's per-token pass against newllm's fast exact and Jacobi passes.
 
 In one process, on the same weights and the same token stream (the embedded corpus), for the
 default size (256/256/512 x 4) and the seed's quick-test size (16/16/32 x 2), time one
@@ -6,10 +6,10 @@ Phase 1 training pass of
 
   reference  the seed's per-token loop (B = 1, corrected targets; newllm.reference): contexts,
              loss, backward, Adam step
-  exact      the fast exact pass as train_phase1 runs it (newllm.phase1.train_pass): no-grad
+  exact      the fast exact pass as train_phase1 runs it (newllm.phase1.run_pass): no-grad
              sequential pass over B streams, loss, effective rank, converged ratio, chunked
              batched backward, Adam step
-  parallel   the same with the Jacobi pass: one batched computation, no sequential part
+  jacobi     the same with the Jacobi pass: one batched computation, no sequential part
   gemm       a plain matmul of the blocks' shapes, for this machine's matmul rate (the best
              of 1k, 4k and 16k rows)
 
@@ -19,9 +19,9 @@ second, is one pass over the whole stream.
 
 and report token-passes per second, the ratios against the reference, and useful FLOP/s
 (6 x the multiply-adds the context update needs per token: forward plus backward) as a
-fraction of the GEMM rate. Then it trains Phase 1 to its stop with the exact and the parallel pass from the same
+fraction of the GEMM rate. Then it trains Phase 1 to its stop with the exact and the Jacobi pass from the same
 weights and reports how many passes each needed and what converged ratio and effective rank
-they reached; the parallel-trained weights are also checked with the exact recurrence.
+they reached; the Jacobi-trained weights are also checked with the exact recurrence.
 
 ``--memory-tokens 1000000`` instead runs Phase 1 passes 0-2 (one backward and optimiser step)
 on that many tokens at the default size and reports the peak RSS.
@@ -54,7 +54,7 @@ from newllm.data import DataConfig, prepare_data
 from newllm.metrics import effective_rank, singular_values
 from newllm.model import NewLLM
 from newllm.reference import reference_pass
-from newllm.train import build_model, set_threads
+from newllm.run import build_model, set_threads
 
 SIZES = {
     "default": dict(context_dim=256, embed_dim=256, hidden_dim=512, num_layers=4),
@@ -103,11 +103,11 @@ def fast_passes(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: str)
     optimizer = torch.optim.Adam(model.context_parameters())
     with torch.no_grad():
         e = phase1.as_streams(model.embed(ids), phase1.num_streams(len(ids), cfg))
-    _, previous = phase1.first_pass(model, e, cfg)
+    previous = phase1.first_pass(model, e, cfg)
     while True:
         sync(device)
         t0 = time.perf_counter()
-        _, previous, reason = phase1.train_pass(model, optimizer, e, previous, cfg, history=[])
+        _, _, previous, reason = phase1.run_pass(model, e, previous, cfg, [], optimizer)
         sync(device)
         assert reason is None, reason  # a first pass never stops Phase 1 unless it diverged
         yield time.perf_counter() - t0
@@ -131,10 +131,10 @@ def time_reference(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: s
 
 
 def convergence(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Phase 1 to its stop with each pass from the same weights (the parallel pass may take 4x the
-    passes); the parallel-trained weights are then judged by the exact recurrence too."""
+    """Phase 1 to its stop with each pass from the same weights (the Jacobi pass may take 4x the
+    passes); the Jacobi-trained weights are then judged by the exact recurrence too."""
     out = {}
-    for mode, max_iter in (("exact", cfg.phase1_max_iter), ("parallel", 4 * cfg.phase1_max_iter)):
+    for mode, max_iter in (("exact", cfg.phase1_max_iter), ("jacobi", 4 * cfg.phase1_max_iter)):
         m = copy.deepcopy(model)
         mode_cfg = replace(cfg, phase1_mode=mode, phase1_max_iter=max_iter)
         t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def convergence(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig) -> dict:
                      "converged_ratio": result.converged_ratio,
                      "effective_rank_fraction": result.history[-1].effective_rank_fraction,
                      "history": [(r.converged_ratio, r.effective_rank_fraction) for r in result.history]}
-        if mode == "parallel":  # the same weights judged by the exact recurrence
+        if mode == "jacobi":  # the same weights judged by the exact recurrence
             fixed = phase1.fixed_contexts(m, ids, replace(cfg, phase1_mode="exact"))
             out[mode]["exact_recurrence"] = {"passes": fixed.passes, "converged_ratio": fixed.converged_ratio,
                                              "effective_rank_fraction": effective_rank(singular_values(fixed.contexts))
@@ -158,16 +158,16 @@ def run_size(name: str, ids: torch.Tensor, vocab_size: int, args: argparse.Names
     flops = useful_flops_per_token(model)
     reference = len(ids) / time_reference(model, ids, cfg, args.device)
     exact = fast_passes(model, ids, cfg, args.device)
-    parallel = fast_passes(model, ids, replace(cfg, phase1_mode="parallel"), args.device)
-    next(exact), next(parallel)  # warm-up passes
-    rounds = [(gemm_rate(model, args.device), len(ids) / next(exact), len(ids) / next(parallel))
+    jacobi = fast_passes(model, ids, replace(cfg, phase1_mode="jacobi"), args.device)
+    next(exact), next(jacobi)  # warm-up passes
+    rounds = [(gemm_rate(model, args.device), len(ids) / next(exact), len(ids) / next(jacobi))
               for _ in range(args.repeats)]
     gemm = statistics.median(r[0] for r in rounds)
     rate = {"reference": reference, "exact": statistics.median(r[1] for r in rounds),
-            "parallel": statistics.median(r[2] for r in rounds)}
+            "jacobi": statistics.median(r[2] for r in rounds)}
     row = {"size": name, **SIZES[name], "tokens": len(ids), "streams": phase1.num_streams(len(ids), cfg),
            "token_passes_per_s": rate, "fast_over_reference": rate["exact"] / rate["reference"],
-           "parallel_over_reference": rate["parallel"] / rate["reference"], "gemm_flops": gemm,
+           "jacobi_over_reference": rate["jacobi"] / rate["reference"], "gemm_flops": gemm,
            "useful_flops_per_token_pass": flops,
            "gemm_fraction": {k: r * flops / gemm for k, r in rate.items()}}
     if not args.no_convergence:
@@ -185,13 +185,13 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         conv = row.get("convergence")
         if conv:
-            for mode in ("exact", "parallel"):
+            for mode in ("exact", "jacobi"):
                 c = conv[mode]
                 print(f"{row['size']:8} {mode:8} converge: {c['passes']:2d} passes ({c['stop_reason']}), "
                       f"converged {c['converged_ratio']:.1%}, ER {c['effective_rank_fraction']:.1%} of C, "
                       f"{c['seconds']:.1f}s")
-            er = conv["parallel"]["exact_recurrence"]
-            print(f"{row['size']:8} parallel weights under the exact recurrence: converged {er['converged_ratio']:.1%} "
+            er = conv["jacobi"]["exact_recurrence"]
+            print(f"{row['size']:8} Jacobi weights under the exact recurrence: converged {er['converged_ratio']:.1%} "
                   f"after {er['passes']} passes, ER {er['effective_rank_fraction']:.1%} of C")
 
 

@@ -1,12 +1,16 @@
 """A trained model on disk: ``model.pt`` (weights and configs) and ``tokenizer.json``.
 
 The single-run CLI, the search's trial checkpoints and ``newllm.export`` all use this one
-layout.
+layout. ``model.pt`` holds only tensors and plain values (dicts, lists, str, numbers, bool,
+None) and is loaded with ``weights_only=True``: a file holding any other object is refused,
+since unpickling it could run code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,11 +33,27 @@ def save_model(directory: str | os.PathLike, model: NewLLM, tokenizer_json: str,
 
 
 def load_model(directory: str | os.PathLike, device: str = "cpu") -> tuple[NewLLM, dict]:
-    """The model saved in ``directory`` and the whole saved record (configs, extras)."""
+    """The model saved in ``directory`` and the whole saved record (configs, extras); ValueError
+    naming the file if it is not a checkpoint ``save_model`` wrote."""
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in {str(directory)!r}: not a newllm checkpoint directory")
-    record = torch.load(path, map_location=device, weights_only=False)
-    model = NewLLM(ModelConfig(**record["model_config"])).to(device)
-    model.load_state_dict(record["state_dict"])
-    return model, record
+    bad = f"{str(path)!r} is not a newllm checkpoint"
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{bad}: not a torch.save archive (a damaged or foreign file)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{bad}: it holds objects other than tensors and plain values, "
+                         f"which are not loaded because unpickling them could run code") from e
+    except Exception as e:  # a damaged archive: torch raises RuntimeError, EOFError, KeyError...
+        raise ValueError(f"{bad}: torch cannot read it ({type(e).__name__})") from e
+    if not (isinstance(record, dict) and isinstance(record.get("model_config"), dict)
+            and isinstance(record.get("state_dict"), dict)):
+        raise ValueError(f"{bad}: it lacks the model_config and state_dict that save_model writes")
+    try:
+        model = NewLLM(ModelConfig(**record["model_config"]))
+        model.load_state_dict(record["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{bad}: its model_config or state_dict is invalid: {' '.join(str(e).split())}") from e
+    return model.to(device), record

@@ -1,8 +1,9 @@
-"""TrainConfig: every setting of one New-LLM training run, validated once.
+"""TrainConfig: every setting of one New-LLM training run, validated once; and the command-line
+flags of TrainConfig and DataConfig, generated from their fields.
 
 Field names are the seed's command-line names with underscores (``--context-dim`` is
-``context_dim``). The single-run CLI builds its flags from these fields, a search space
-names them as keys, and a trial's config is ``TrainConfig(**params)``: one vocabulary.
+``context_dim``). The CLIs build their flags from these fields, a search space names them as
+keys, and a trial's config is ``TrainConfig(**params)``: one vocabulary.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from newllm.data import DataConfig
 from newllm.model import ARCHITECTURES, ModelConfig
 
-PHASE1_MODES = ("exact", "parallel")
+PHASE1_MODES = ("exact", "jacobi")
+# earlier name of the Jacobi mode, still accepted
+PHASE1_MODE_ALIASES = {"parallel": "jacobi"}
 
 
 def _f(default, help: str, **extra):
@@ -38,7 +42,9 @@ class TrainConfig:
     convergence_threshold: float = _f(0.02, "a token is converged when MSE to its previous-pass context < this")
     min_converged_ratio: float = _f(0.95, "Phase 1 succeeds when this fraction of tokens converged")
     collapse_patience: int = _f(3, "stop Phase 1 after this many passes with train ER below the gate")
-    phase1_mode: str = _f("exact", "exact: sequential recurrence; parallel: Jacobi passes", choices=PHASE1_MODES)
+    phase1_mode: str = _f("exact", "exact: the sequential recurrence; jacobi (alias parallel): every position at "
+                                   "once from the previous pass's contexts",
+                          choices=PHASE1_MODES + tuple(PHASE1_MODE_ALIASES))
     phase1_streams: int = _f(128, "B contiguous chunks of the stream processed side by side, each >= 128 "
                                   "tokens (fewer on short streams; 1 = the seed's single stream)")
     phase1_chunk_tokens: int = _f(4096, "tokens per batched backward chunk (bounds memory)")
@@ -73,6 +79,7 @@ class TrainConfig:
         if self.phase2_bptt > self.phase2_batch_size:
             raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= phase2_batch_size ({self.phase2_batch_size}): "
                              f"a step's batch is streams x window tokens")
+        object.__setattr__(self, "phase1_mode", PHASE1_MODE_ALIASES.get(self.phase1_mode, self.phase1_mode))
         if self.phase1_mode not in PHASE1_MODES:
             raise ValueError(f"phase1_mode must be one of {PHASE1_MODES}, got {self.phase1_mode!r}")
 
@@ -112,3 +119,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def data_flags() -> dict[str, str]:
+    """DataConfig field name -> its command-line flag, for the fields that have one."""
+    return {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            for f in fields(DataConfig) if f.metadata["flag"] is not None}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """One flag per DataConfig field, help taken from the field; with ``defaults=False`` unset
+    flags stay None (a search space's data section may set them)."""
+    group = parser.add_argument_group("data")
+    flags = data_flags()
+    for f in fields(DataConfig):
+        if f.name in flags:
+            kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+            group.add_argument(flags[f.name], dest=f.name, type=kind, default=f.default if defaults else None,
+                               help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def data_config_from_args(args: argparse.Namespace, base: dict | None = None) -> DataConfig:
+    """DataConfig from the flags given, over ``base`` (a search space's data section)."""
+    given = {name: getattr(args, name) for name in data_flags()}
+    return DataConfig(**{**(base or {}), **{k: v for k, v in given.items() if v is not None}})

@@ -7,8 +7,10 @@ Two context-update architectures, chosen by ``ModelConfig.architecture``:
 - ``gated`` (seed 000): per layer forget and input gates and a tanh candidate from a ReLU
   hidden layer, ``c = LN(f * c + i * tanh(W_c h))``.
 
-``update(e, c)`` is the context update f of DESIGN.md; it works on any leading batch
-shape, which is what lets Phase 1 recompute a whole pass as one batched call. Nothing
+``update(e, c)`` is the context update f of the CVFP algorithm; it works on any leading batch
+shape, which is what lets Phase 1 recompute a whole pass as one batched call. ``scan`` is the
+recurrence, written once: ``contexts``, ``read``, Phase 1's sequential pass, Phase 2's
+truncated backpropagation and the Hugging Face ``forward`` all read tokens through it. Nothing
 depends on a maximum sequence length: ``read`` streams any number of tokens in constant
 memory.
 """

@@ -1,4 +1,4 @@
-"""Phase 1: CVFP (context-vector fixed-point) learning, as DESIGN.md specifies it.
+"""Phase 1: CVFP (context-vector fixed-point) learning.
 
 For a token stream e_0..e_{N-1} and the context update f:
 
@@ -6,23 +6,33 @@ For a token stream e_0..e_{N-1} and the context update f:
     pass i >= 1: ci[t] = f(e[t], stopgrad(ci[t-1])),  ci[-1] = c{i-1}[N-1]
                  loss  = (1 - w) * MSE(ci, stopgrad(c{i-1})) + w * dist(ci)
 
-The targets c{i-1} are the previous pass's contexts, saved before the pass. Because every
-step's input context is stop-gradient, a pass's gradient does not need the sequential
-graph: the inputs ci[t-1] come from a cheap no-grad sequential pass, and the gradient is
-the vector-Jacobian product of one batched recomputation ``f(e, inputs)``, run in chunks
-of tokens so memory grows with the stored contexts (N x C), not with activations.
+The targets c{i-1} are the previous pass's contexts, saved before the pass. (The seed's
+prototype overwrote them with the current pass's own contexts before taking the loss, so its
+CVFP loss was always 0 and every run "converged" at pass 2; this is the corrected algorithm.)
 
-The stream is split into B contiguous chunks ("streams") processed side by side, each
-carrying its own context from pass to pass; B = 1 is the seed's single stream.
+Because every step's input context is stop-gradient, a pass's gradient does not need the
+sequential graph: the inputs ci[t-1] come from a cheap no-grad sequential pass, and the
+gradient is the vector-Jacobian product of one batched recomputation ``f(e, inputs)``, run in
+chunks of tokens so memory grows with the stored contexts (N x C), not with activations.
 
-``phase1_mode="parallel"`` replaces the sequential part by a Jacobi pass,
-ci[t] = f(e[t], stopgrad(c{i-1}[t-1])) for all t at once; its fixed point is the same
-recurrence.
+**Streams that hand over.** The stream is split into B contiguous chunks processed side by
+side. On each pass stream b starts from the last context of stream b - 1 on the previous
+pass, and stream 0 from the last stream's, as the seed's single stream starts from the end of
+the corpus. With frozen weights the passes converge to the fixed point of the single-stream
+recurrence: an error at a stream boundary moves one stream on per pass and fades as f
+contracts (as in multiple shooting, or parareal), so B streams are a faster way to compute
+the seed's contexts, not B separate cyclic texts. B = 1 is the seed.
 
-A pass that meets a stop rule ends Phase 1 before its optimiser step, so the fixed
-contexts belong to the final parameters. Pass 1 compares contexts of the same, untrained
-weights as pass 0 (only the carried-over start differs), so a "converged" stop counts only
-from pass ``phase1_min_iter`` on.
+**Jacobi passes** (``phase1_mode="jacobi"``): ci[t] = f(e[t], stopgrad(c{i-1}[t-1])) for all t
+at once, with the same hand-over at stream starts; the fixed point is the same recurrence.
+
+**One pass loop**, ``run_passes``, serves both Phase 1 training (an optimiser step per pass)
+and the fixed-context passes with frozen weights that the analysis and Phase 2 read, so
+passes are counted alike everywhere: pass 0 is the forward-only start, and passes 1, 2, ...
+are the ones compared with their predecessor and recorded. A pass that meets a stop rule ends
+the loop before its optimiser step, so the final contexts belong to the final parameters.
+Pass 1 of training compares contexts of the same, untrained weights as pass 0 (only the
+carried-over start differs), so a "converged" stop counts only from pass ``phase1_min_iter``.
 """
 
 from __future__ import annotations
@@ -31,12 +41,24 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import torch
 
 from newllm.config import TrainConfig
 from newllm.metrics import effective_rank, singular_values
 from newllm.model import NewLLM
+
+StopReason = Literal["converged", "convergence_falling", "collapsed", "max_iter", "diverged"]
+
+# The seed's LR schedule: phase1_lr_warmup up to this pass, phase1_lr_medium up to the next
+# bound, then phase1_lr_finetune.
+WARMUP_PASSES = 3
+MEDIUM_PASSES = 8
+# The seed's "convergence falling" rule: the converged ratio dropped by more than this twice in
+# a row, so the passes are moving away from a fixed point rather than towards one.
+CONVERGENCE_DROP = 0.01
+MIN_STREAM_TOKENS = 128
 
 # --- losses: pure functions -------------------------------------------------------------
 
@@ -64,22 +86,20 @@ def converged_ratio(contexts: torch.Tensor, previous: torch.Tensor, threshold: f
 
 
 def learning_rate(pass_index: int, cfg: TrainConfig) -> float:
-    """The seed's schedule: warmup LR for passes <= 3, medium <= 8, then finetune."""
-    if pass_index <= 3:
+    """The seed's schedule: warmup LR for the first passes, then medium, then finetune."""
+    if pass_index <= WARMUP_PASSES:
         return cfg.phase1_lr_warmup
-    if pass_index <= 8:
+    if pass_index <= MEDIUM_PASSES:
         return cfg.phase1_lr_medium
     return cfg.phase1_lr_finetune
 
 
-# --- passes -----------------------------------------------------------------------------
-
-MIN_STREAM_TOKENS = 128
+# --- streams and passes -------------------------------------------------------------------
 
 
 def num_streams(num_tokens: int, cfg: TrainConfig) -> int:
     """B for a stream of ``num_tokens``: ``cfg.phase1_streams``, fewer if streams would be shorter
-    than MIN_STREAM_TOKENS (a very short stream mostly reads its carried-over start)."""
+    than MIN_STREAM_TOKENS (a very short stream mostly reads its handed-over start)."""
     return max(1, min(cfg.phase1_streams, num_tokens // MIN_STREAM_TOKENS))
 
 
@@ -92,6 +112,12 @@ def as_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
             f"lower --phase1-streams or use more data"
         )
     return x[: num_streams * length].reshape(num_streams, length, *x.shape[1:])
+
+
+def hand_over(previous: torch.Tensor) -> torch.Tensor:
+    """Start contexts [B, C] of the next pass: stream b's from stream b - 1's last context on
+    the previous pass ``previous`` [B, L, C], stream 0's from the last stream's."""
+    return previous[:, -1].roll(1, dims=0)
 
 
 def sequential_pass(model: NewLLM, e: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +141,24 @@ def batched_update(model: NewLLM, e: torch.Tensor, inputs: torch.Tensor, chunk_t
     return out.view_as(inputs)
 
 
+def first_pass(model: NewLLM, e: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Pass 0's contexts from zero contexts: the recurrence (exact) or f(e, 0) everywhere (jacobi)."""
+    zeros = model.initial_context((e.shape[0],))
+    if cfg.phase1_mode == "exact":
+        return sequential_pass(model, e, zeros)[1]
+    inputs = torch.zeros(*e.shape[:2], zeros.shape[-1], device=e.device, dtype=zeros.dtype)
+    return batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
+
+
+def next_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass given the previous pass's contexts, the streams handing over: (inputs, outputs)."""
+    start = hand_over(previous)
+    if cfg.phase1_mode == "exact":
+        return sequential_pass(model, e, start)
+    inputs = shift_in(previous, start)
+    return inputs, batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
+
+
 def accumulate_gradient(model: NewLLM, e: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor,
                         chunk_tokens: int) -> None:
     """Add d(loss)/d(params) to .grad: recompute f(e, inputs) in chunks, backprop ``grad_outputs``."""
@@ -124,15 +168,17 @@ def accumulate_gradient(model: NewLLM, e: torch.Tensor, inputs: torch.Tensor, gr
         model.update(e_chunk, in_chunk).backward(g_chunk)
 
 
-def loss_and_output_grad(outputs: torch.Tensor, targets: torch.Tensor, w: float):
-    """Phase 1 loss terms and d(loss)/d(outputs), from the no-grad outputs of a pass."""
-    c = outputs.flatten(0, 1).detach().requires_grad_(True)
-    loss, cvfp, dist = phase1_loss(c, targets.flatten(0, 1), w)
-    (grad,) = torch.autograd.grad(loss, c)
-    return loss.item(), cvfp.item(), dist.item(), grad.view_as(outputs)
+def loss_and_output_grad(outputs: torch.Tensor, targets: torch.Tensor, w: float, with_grad: bool = True):
+    """Phase 1 loss terms and d(loss)/d(outputs) (None unless ``with_grad``), from the no-grad
+    outputs of a pass."""
+    c = outputs.flatten(0, 1).detach().requires_grad_(with_grad)
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        loss, cvfp, dist = phase1_loss(c, targets.flatten(0, 1), w)
+    grad = torch.autograd.grad(loss, c)[0].view_as(outputs) if with_grad else None
+    return loss.item(), cvfp.item(), dist.item(), grad
 
 
-# --- the Phase 1 loop -------------------------------------------------------------------
+# --- the pass loop ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -144,7 +190,7 @@ class PassRecord:
     converged_ratio: float
     effective_rank: float
     effective_rank_fraction: float
-    lr: float
+    lr: float  # 0 for fixed-context passes (no optimiser)
     seconds: float
 
     def to_dict(self) -> dict:
@@ -152,10 +198,83 @@ class PassRecord:
 
 
 @dataclass
+class Passes:
+    """What a run of passes left: its records, why it stopped, and the last pass's inputs and
+    contexts [B, L, C] (the fixed contexts, once converged)."""
+
+    history: list[PassRecord]
+    stop_reason: StopReason
+    inputs: torch.Tensor
+    contexts: torch.Tensor
+
+
+def stop_reason(history: list[PassRecord], cfg: TrainConfig, training: bool = True) -> StopReason | None:
+    """The seed's stop rules plus collapse, judged on the passes so far; None to go on. With
+    frozen weights (``training=False``) only divergence, convergence and max_iter apply."""
+    last = history[-1]
+    if not all(math.isfinite(v) for v in (last.loss, last.effective_rank)):
+        return "diverged"
+    if last.converged_ratio >= cfg.min_converged_ratio and (not training or last.pass_index >= cfg.phase1_min_iter):
+        return "converged"
+    if training:
+        ratios = [r.converged_ratio for r in history]
+        if len(ratios) >= 3 and ratios[-3] - ratios[-2] > CONVERGENCE_DROP and ratios[-2] - ratios[-1] > CONVERGENCE_DROP:
+            return "convergence_falling"
+        recent = history[-cfg.collapse_patience:]
+        if len(recent) == cfg.collapse_patience and all(r.effective_rank_fraction < cfg.gate_train_er for r in recent):
+            return "collapsed"
+    if last.pass_index >= cfg.phase1_max_iter:
+        return "max_iter"
+    return None
+
+
+def run_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainConfig, history: list[PassRecord],
+             optimizer: torch.optim.Optimizer | None = None) -> tuple[PassRecord, torch.Tensor, torch.Tensor, StopReason | None]:
+    """Pass ``len(history) + 1`` over streams ``e`` after the contexts ``previous``: its record,
+    inputs, contexts and stop reason. With an ``optimizer``, one step unless the pass stops."""
+    t0 = time.perf_counter()
+    training = optimizer is not None
+    i = len(history) + 1
+    lr = learning_rate(i, cfg) if training else 0.0
+    inputs, outputs = next_pass(model, e, previous, cfg)
+    loss, cvfp, dist, grad = loss_and_output_grad(outputs, previous, cfg.effective_dist_reg_weight, training)
+    er = effective_rank(singular_values(outputs.flatten(0, 1)))
+    record = PassRecord(i, loss, cvfp, dist, converged_ratio(outputs, previous, cfg.convergence_threshold),
+                        er, er / outputs.shape[-1], lr, 0.0)
+    reason = stop_reason(history + [record], cfg, training)
+    if training and reason is None:
+        optimizer.zero_grad(set_to_none=True)
+        accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return replace(record, seconds=time.perf_counter() - t0), inputs, outputs, reason
+
+
+def run_passes(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainConfig,
+               optimizer: torch.optim.Optimizer | None = None,
+               on_pass: Callable[[PassRecord], None] | None = None) -> Passes:
+    """Passes over streams ``e`` from the contexts ``previous`` until a stop rule: Phase 1
+    training with an ``optimizer``, fixed-context passes with frozen weights without one."""
+    history: list[PassRecord] = []
+    while True:
+        record, inputs, previous, reason = run_pass(model, e, previous, cfg, history, optimizer)
+        history.append(record)
+        if on_pass is not None:
+            on_pass(record)
+        if reason is not None:
+            return Passes(history, reason, inputs, previous)
+
+
+# --- Phase 1 and the fixed contexts -------------------------------------------------------
+
+
+@dataclass
 class Phase1Result:
     history: list[PassRecord]
-    stop_reason: str  # converged | convergence_falling | collapsed | max_iter | diverged
+    stop_reason: StopReason
     seconds: float
+    contexts: torch.Tensor | None = None  # the last pass's [B, L, C] (None when restored from a checkpoint)
 
     @property
     def passes(self) -> int:
@@ -166,62 +285,9 @@ class Phase1Result:
         return self.history[-1].converged_ratio if self.history else 0.0
 
 
-def stop_reason(history: list[PassRecord], cfg: TrainConfig) -> str | None:
-    """The seed's stop rules plus collapse, judged on the passes so far; None to go on."""
-    last = history[-1]
-    if not all(math.isfinite(v) for v in (last.loss, last.effective_rank)):
-        return "diverged"
-    if last.converged_ratio >= cfg.min_converged_ratio and last.pass_index >= cfg.phase1_min_iter:
-        return "converged"
-    ratios = [r.converged_ratio for r in history]
-    if len(ratios) >= 3 and ratios[-3] - ratios[-2] > 0.01 and ratios[-2] - ratios[-1] > 0.01:
-        return "convergence_falling"
-    recent = history[-cfg.collapse_patience:]
-    if len(recent) == cfg.collapse_patience and all(r.effective_rank_fraction < cfg.gate_train_er for r in recent):
-        return "collapsed"
-    if last.pass_index >= cfg.phase1_max_iter:
-        return "max_iter"
-    return None
-
-
-def first_pass(model: NewLLM, e: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 0 from zero contexts: the recurrence (exact) or f(e, 0) everywhere (parallel)."""
-    zeros = model.initial_context((e.shape[0],))
-    if cfg.phase1_mode == "exact":
-        return sequential_pass(model, e, zeros)
-    inputs = torch.zeros(*e.shape[:2], zeros.shape[-1], device=e.device, dtype=zeros.dtype)
-    return inputs, batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
-
-
-def next_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass given the previous pass's contexts, carrying each stream's last context over."""
-    carry = previous[:, -1]
-    if cfg.phase1_mode == "exact":
-        return sequential_pass(model, e, carry)
-    inputs = shift_in(previous, carry)
-    return inputs, batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
-
-
-def train_pass(model: NewLLM, optimizer: torch.optim.Optimizer, e: torch.Tensor, previous: torch.Tensor,
-               cfg: TrainConfig, history: list[PassRecord]) -> tuple[PassRecord, torch.Tensor, str | None]:
-    """Pass ``len(history) + 1`` over streams ``e`` from the previous pass's contexts: its record,
-    contexts and stop reason; one optimiser step unless a stop rule ends Phase 1 at this pass."""
-    t0 = time.perf_counter()
-    i = len(history) + 1
-    lr = learning_rate(i, cfg)
-    inputs, outputs = next_pass(model, e, previous, cfg)
-    loss, cvfp, dist, grad = loss_and_output_grad(outputs, previous, cfg.effective_dist_reg_weight)
-    er = effective_rank(singular_values(outputs.flatten(0, 1)))
-    record = PassRecord(i, loss, cvfp, dist, converged_ratio(outputs, previous, cfg.convergence_threshold),
-                        er, er / cfg.context_dim, lr, 0.0)
-    reason = stop_reason(history + [record], cfg)
-    if reason is None:
-        optimizer.zero_grad(set_to_none=True)
-        accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-    return replace(record, seconds=time.perf_counter() - t0), outputs, reason
+def embedded_streams(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    with torch.no_grad():
+        return as_streams(model.embed(ids), num_streams(len(ids), cfg))
 
 
 def train_phase1(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig,
@@ -229,20 +295,9 @@ def train_phase1(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig,
     """Train the context-update layers to fixed points on token ids [N]; embeddings stay frozen."""
     start_time = time.perf_counter()
     optimizer = torch.optim.Adam(model.context_parameters(), lr=cfg.phase1_lr_warmup)
-    with torch.no_grad():
-        e = as_streams(model.embed(ids), num_streams(len(ids), cfg))
-    _, previous = first_pass(model, e, cfg)
-    history: list[PassRecord] = []
-    while True:
-        record, previous, reason = train_pass(model, optimizer, e, previous, cfg, history)
-        history.append(record)
-        if on_pass is not None:
-            on_pass(record)
-        if reason is not None:
-            return Phase1Result(history, reason, time.perf_counter() - start_time)
-
-
-# --- fixed contexts with frozen parameters ------------------------------------------------
+    e = embedded_streams(model, ids, cfg)
+    passes = run_passes(model, e, first_pass(model, e, cfg), cfg, optimizer, on_pass)
+    return Phase1Result(passes.history, passes.stop_reason, time.perf_counter() - start_time, passes.contexts)
 
 
 @dataclass
@@ -252,21 +307,25 @@ class FixedContexts:
     ids: torch.Tensor       # [M] tokens covered (M = B * (N // B))
     inputs: torch.Tensor    # [M, C] the context each position read
     contexts: torch.Tensor  # [M, C] the context after each position
-    passes: int
-    converged_ratio: float
+    history: list[PassRecord]
+
+    @property
+    def passes(self) -> int:
+        return len(self.history)
+
+    @property
+    def converged_ratio(self) -> float:
+        return self.history[-1].converged_ratio
 
 
 @torch.no_grad()
-def fixed_contexts(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig) -> FixedContexts:
-    """Phase 1's passes with parameters fixed (no optimiser), until converged or max_iter."""
-    e = as_streams(model.embed(ids), num_streams(len(ids), cfg))
-    inputs, previous = first_pass(model, e, cfg)
-    ratio, passes = 0.0, 1
-    while passes <= cfg.phase1_max_iter:
-        inputs, outputs = next_pass(model, e, previous, cfg)
-        ratio = converged_ratio(outputs, previous, cfg.convergence_threshold)
-        previous, passes = outputs, passes + 1
-        if ratio >= cfg.min_converged_ratio:
-            break
+def fixed_contexts(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig,
+                   start: torch.Tensor | None = None) -> FixedContexts:
+    """Phase 1's passes with frozen weights until converged or max_iter, from the contexts
+    ``start`` [B, L, C] of the same streams (e.g. Phase 1's last pass), else from pass 0."""
+    e = embedded_streams(model, ids, cfg)
+    if start is None or start.shape[:2] != e.shape[:2]:
+        start = first_pass(model, e, cfg)
+    passes = run_passes(model, e, start, cfg)
     m = e.shape[0] * e.shape[1]
-    return FixedContexts(ids[:m], inputs.flatten(0, 1), previous.flatten(0, 1), passes, ratio)
+    return FixedContexts(ids[:m], passes.inputs.flatten(0, 1), passes.contexts.flatten(0, 1), passes.history)

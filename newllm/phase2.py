@@ -33,6 +33,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from newllm.config import TrainConfig
 from newllm.model import NewLLM
 from newllm.phase1 import FixedContexts, as_streams
+
+StopReason = Literal["early_stopping", "max_epochs", "diverged"]
 
 EVAL_BATCH = 8192
 # exp() overflows float64 just above 709: a loss beyond this reports an infinite perplexity
@@ -64,7 +67,7 @@ class EpochRecord:
 class Phase2Result:
     history: list[EpochRecord]
     best_epoch: int
-    stop_reason: str  # early_stopping | max_epochs | diverged
+    stop_reason: StopReason
     seconds: float
     streams: int      # side-by-side training streams (0 with freeze_context: shuffled positions)
     window: int       # tokens per stream and step (1 with freeze_context)
@@ -186,7 +189,7 @@ def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg
 
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = math.inf, 0, None
-    reason = "max_epochs"
+    reason: StopReason = "max_epochs"
     for epoch in range(1, cfg.phase2_epochs + 1):
         t0 = time.perf_counter()
         if cfg.freeze_context:

@@ -2,7 +2,7 @@
 
 The seed ran Phase 1 as a Python loop over tokens, building the autograd graph one context
 update at a time. This module keeps that algorithm (with the targets saved before the pass,
-and the carried-over start context, as DESIGN.md specifies) so that tests can check the fast
+and the carried-over start context, as ``newllm.phase1`` specifies) so that tests can check the fast
 pass of ``newllm.phase1`` against it gradient for gradient, and ``benchmarks/`` can measure
 the speed-up. Training never uses it.
 """

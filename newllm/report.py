@@ -78,6 +78,8 @@ def print_gate(result) -> None:
     p1 = result.phase1
     print(f"\nPhase 1 stopped after {p1.passes} passes ({p1.stop_reason}, "
           f"{p1.converged_ratio:.1%} converged) in {p1.seconds:.1f}s")
+    print(f"Fixed contexts with frozen weights: train after {result.fixed_passes} more passes (from Phase 1's "
+          f"last), val after {result.val_fixed_passes} passes ({result.val_converged_ratio:.1%} converged)")
     print_analysis("Train", result.train_analysis)
     print_analysis("Val", result.val_analysis)
     t, v = result.train_analysis, result.val_analysis

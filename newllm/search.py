@@ -21,10 +21,10 @@ from pathlib import Path
 from ray.tune import Callback
 
 from newllm import __version__
-from newllm.config import field_types
+from newllm.config import add_data_arguments, data_config_from_args, field_types
 from newllm.data import prepare_data
+from newllm.run import SUMMARY_DTYPES
 from newllm.space import SearchSpace, load_space
-from newllm.train import add_data_arguments, data_config_from_args
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 PROGRESS_SECONDS = 10.0
@@ -94,18 +94,6 @@ def versions() -> dict:
             "ray_version": ray.__version__, "optuna_version": optuna.__version__}
 
 
-# the trials table's summary columns and their pandas dtypes (nullable: null when not reached)
-SUMMARY_COLUMNS = {
-    "status": "string", "objective": "float64", "num_params": "Int64", "phase1_passes": "Int64",
-    "phase1_stop_reason": "string", "converged_ratio": "float64", "val_converged_ratio": "float64",
-    "train_effective_rank": "float64", "train_effective_rank_fraction": "float64", "val_effective_rank": "float64",
-    "val_effective_rank_fraction": "float64", "gate_passed": "boolean", "gate_reason": "string",
-    "phase2_epochs_run": "Int64", "phase2_best_epoch": "Int64", "phase2_stop_reason": "string",
-    "phase2_streams": "Int64", "val_loss": "float64", "val_ppl": "float64", "val_acc": "float64",
-    "final_effective_rank_fraction": "float64", "final_converged_ratio": "float64", "phase1_seconds": "float64",
-    "analysis_seconds": "float64", "phase2_seconds": "float64", "final_analysis_seconds": "float64",
-    "trial_seconds": "float64",
-}
 CONFIG_DTYPES = {int: "int64", float: "float64", bool: "bool", str: "string"}
 
 
@@ -117,7 +105,7 @@ class TrialRow:
     versions: dict
 
     def __call__(self, trial, result: dict) -> dict:
-        summary = {k: result.get(k) for k in SUMMARY_COLUMNS}
+        summary = {k: result.get(k) for k in SUMMARY_DTYPES}
         summary["status"] = result["status"] if result.get("phase") == "final" or result.get("status") == "error" \
             else "error"
         checkpoint = trial.checkpoint
@@ -128,7 +116,7 @@ class TrialRow:
 
     @staticmethod
     def dtypes() -> dict[str, str]:
-        return {"trial_id": "string", **SUMMARY_COLUMNS, "checkpoint_path": "string",
+        return {"trial_id": "string", **SUMMARY_DTYPES, "trial_seconds": "float64", "checkpoint_path": "string",
                 **{name: CONFIG_DTYPES[t] for name, t in field_types().items()}}
 
 

@@ -24,6 +24,7 @@ dimension combination the model rejects fails up front.
 from __future__ import annotations
 
 import itertools
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -74,12 +75,26 @@ def _is(value, kind: type) -> bool:
     return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
+def _data_types() -> dict[str, tuple[type, ...]]:
+    """DataConfig field -> the Python types its value may have (NoneType where optional)."""
+    hints = typing.get_type_hints(DataConfig)
+    return {name: typing.get_args(hints[name]) or (hints[name],) for name in DATA_KEYS}
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line (its own text spans several, quoting the source)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(e).split())
+    return f"{', '.join(filter(None, [e.context, e.problem]))} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def _distribution(name: str, spec, kind: type, where: str) -> od.BaseDistribution:
-    if not isinstance(spec, dict) or spec.get("type") not in DIST_KEYS:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec["type"] not in DIST_KEYS:
         raise SpaceError(f"{where}: params.{name} must be a mapping with type: int, float or categorical")
     unknown = set(spec) - DIST_KEYS[spec["type"]]
     if unknown:
-        raise SpaceError(f"{where}: params.{name} has unknown keys {sorted(unknown)}; "
+        raise SpaceError(f"{where}: params.{name} has unknown keys {sorted(unknown, key=str)}; "
                          f"a {spec['type']} takes {sorted(DIST_KEYS[spec['type']])}")
     if spec["type"] == "categorical":
         choices = spec.get("choices")
@@ -121,16 +136,21 @@ def load_space(path: str | Path) -> SearchSpace:
     where = str(path)
     p = Path(path)
     if not p.is_file():
-        raise SpaceError(f"search space {where!r} does not exist (see search_spaces/ for examples)")
+        raise SpaceError(f"search space {where!r} "
+                         f"{'is a directory' if p.is_dir() else 'does not exist'} (see search_spaces/ for examples)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
+    except OSError as e:
+        raise SpaceError(f"{where}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise SpaceError(f"{where}: not a YAML text file: not UTF-8 ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise SpaceError(f"{where}: not valid YAML: {e}") from e
+        raise SpaceError(f"{where}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(raw, dict):
         raise SpaceError(f"{where}: must be a YAML mapping with at least a 'params' key")
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise SpaceError(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+        raise SpaceError(f"{where}: unknown top-level keys {sorted(unknown, key=str)}; allowed: {sorted(TOP_KEYS)}")
     types = field_types()
     params_raw, fixed = raw.get("params"), raw.get("fixed") or {}
     if not isinstance(params_raw, dict) or not params_raw:
@@ -140,7 +160,7 @@ def load_space(path: str | Path) -> SearchSpace:
     for section, keys in (("params", params_raw), ("fixed", fixed)):
         unknown = set(keys) - set(types)
         if unknown:
-            raise SpaceError(f"{where}: {section} has unknown settings {sorted(unknown)}; "
+            raise SpaceError(f"{where}: {section} has unknown settings {sorted(unknown, key=str)}; "
                              f"settings are the TrainConfig fields ({', '.join(types)})")
     both = set(params_raw) & set(fixed)
     if both:
@@ -155,7 +175,8 @@ def load_space(path: str | Path) -> SearchSpace:
     objectives = raw.get("objectives", ["val_ppl"])
     if isinstance(objectives, str):
         objectives = [objectives]
-    if not isinstance(objectives, list) or not objectives or set(objectives) - set(OBJECTIVES) \
+    if not isinstance(objectives, list) or not objectives \
+            or not all(isinstance(o, str) and o in OBJECTIVES for o in objectives) \
             or len(set(objectives)) != len(objectives):
         raise SpaceError(f"{where}: objectives must be a list drawn from {sorted(OBJECTIVES)}, got {objectives!r}")
     num_trials = raw.get("num_trials", 8)
@@ -164,6 +185,12 @@ def load_space(path: str | Path) -> SearchSpace:
     data = raw.get("data") or {}
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
         raise SpaceError(f"{where}: data must be a mapping with keys from {sorted(DATA_KEYS)}")
+    data_types = _data_types()
+    for name, value in data.items():
+        kinds = data_types[name]
+        if not any(value is None if kind is type(None) else _is(value, kind) for kind in kinds):
+            names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+            raise SpaceError(f"{where}: data.{name} must be of type {names}, got {value!r}")
     try:
         DataConfig(**data)
     except (TypeError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: one search trial is one ``newllm.train.train`` run.
+"""The Ray Tune function trainable: one search trial is one ``newllm.run.train`` run.
 
 Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` and
 ``num_params`` (Tune checks the metric in every report; OptunaSearch reads the last one):
@@ -9,14 +9,16 @@ Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` a
 - ``phase2``, step = epoch: train/val loss, val perplexity and accuracy;
 - ``final``, step 0: the run's summary and ``status``, with the final checkpoint.
 
-Until a Phase 2 result exists a row's objective is the gate-failed penalty the trial would
-get if it ended there; in Phase 2 it is the best val perplexity so far. A retried or resumed
-trial loads the Phase 1 checkpoint and does not redo Phase 1.
+Every row's ``objective`` comes from ``newllm.run.objective``: until a Phase 2 result exists
+it is the gate-failed penalty the trial would get if it ended there; in Phase 2 it is the best
+val perplexity so far. A retried or resumed trial loads the Phase 1 checkpoint and does not
+redo Phase 1.
 """
 
 from __future__ import annotations
 
 import tempfile
+from typing import Literal
 
 import ray
 import torch
@@ -25,8 +27,11 @@ from ray import tune
 from newllm.checkpoint import load_model, save_model
 from newllm.data import TokenData
 from newllm.phase1 import PassRecord, Phase1Result
+from newllm.phase2 import EpochRecord
+from newllm.run import TrainResult, build_model, objective, train
 from newllm.space import SearchSpace
-from newllm.train import TrainResult, build_model, gate_failed_objective, train
+
+Phase = Literal["phase1", "analysis", "phase2", "final"]
 
 
 def trial_resources() -> tuple[int, str]:
@@ -51,29 +56,30 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
         history = [PassRecord(**r) for r in record["phase1"]["history"]]
         phase1 = Phase1Result(history, record["phase1"]["stop_reason"], record["phase1"]["seconds"])
 
+    def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report({"phase": phase, "step": step, "num_params": num_params, **row}, checkpoint=checkpoint)
+
     def on_pass(r: PassRecord) -> None:
-        tune.report({"phase": "phase1", "step": r.pass_index, **r.to_dict(), "num_params": num_params,
-                     "objective": gate_failed_objective(r.effective_rank_fraction)})
+        report("phase1", r.pass_index, {**r.to_dict(),
+               "objective": objective("gate_failed", train_er_fraction=r.effective_rank_fraction)})
 
     def on_gate(result: TrainResult) -> None:
         p1 = result.phase1
-        row = {"phase": "analysis", "step": 0, "num_params": num_params, **result.summary(),
-               "objective": gate_failed_objective(result.train_analysis.effective_rank_fraction)}
         with tempfile.TemporaryDirectory() as d:
             save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(),
                        phase1={"history": [r.to_dict() for r in p1.history],
                                "stop_reason": p1.stop_reason, "seconds": p1.seconds})
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
+            report("analysis", 0, {**result.summary(), "objective": objective(
+                "gate_failed", train_er_fraction=result.train_analysis.effective_rank_fraction)}, d)
 
     best = [float("inf")]
 
-    def on_epoch(r) -> None:
+    def on_epoch(r: EpochRecord) -> None:
         best[0] = min(best[0], r.val_ppl)
-        tune.report({"phase": "phase2", "step": r.epoch, **r.to_dict(), "num_params": num_params,
-                     "objective": best[0]})
+        report("phase2", r.epoch, {**r.to_dict(), "objective": objective("passed", val_ppl=best[0])})
 
     result = train(cfg, data, model, phase1=phase1, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch)
     with tempfile.TemporaryDirectory() as d:
         save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary())
-        tune.report({"phase": "final", "step": 0, "threads": threads, "device": device, **result.summary()},
-                    checkpoint=tune.Checkpoint.from_directory(d))
+        report("final", 0, {"threads": threads, "device": device, **result.summary()}, d)

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import ray
+from typing import TYPE_CHECKING
 
-from newllm import search
-from newllm.data import DataConfig, TokenData, prepare_data
-from newllm.space import load_space
+import pytest
+
+if TYPE_CHECKING:
+    from newllm.data import TokenData
 
 # a search space whose trials finish in seconds; %s takes more fixed settings
 TINY_SPACE = """
@@ -58,6 +58,12 @@ def tiny_search(tmp_path_factory) -> TinySearch:
     """One small real search (3 trials, default Phase 2 mode at LR 1e-3, a gate every trial
     that does not diverge passes) shared by the tests that read a search's results. Tests
     that change the experiment must copy it first."""
+    import ray
+
+    from newllm import search
+    from newllm.data import DataConfig, prepare_data
+    from newllm.space import load_space
+
     root = tmp_path_factory.mktemp("tiny_search")
     space = root / "tiny.yaml"
     space.write_text(TINY_SPACE % "gate_train_er: 0.0\n  gate_val_er: 0.0")

@@ -1,8 +1,10 @@
 """The Hugging Face integration: forward and loss, generate() carrying the context, constant
-memory, save/load through the Auto classes, and ``python -m newllm.export``."""
+memory, save/load through the Auto classes, training with ``Trainer``, and
+``python -m newllm.export``."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -11,14 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from newllm import export, results, search
+from newllm import export, results
 from newllm.checkpoint import load_model, save_model
 from newllm.data import END_OF_TEXT, builtin_documents, train_tokenizer
 from newllm.model import ModelConfig, NewLLM
@@ -240,6 +241,29 @@ def test_left_padded_batch_generates_as_each_prompt_alone(exported):
         assert torch.equal(model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1]:], row)
 
 
+def test_trainer_trains_an_exported_model(tmp_path, exported):
+    """A few ``transformers.Trainer`` steps (the hf extra brings the accelerate it needs) change
+    the weights with a finite loss, and the trained model saves and loads through the Auto class."""
+    from transformers import Trainer, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (6, 10))
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(model(ids, labels=ids).loss, list(params.values()), allow_unused=True)
+    learning = {name for name, g in zip(params, grads) if g is not None and g.any()}
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True)
+    result = Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids]).train()
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and changed == learning  # every weight with a gradient moved (some, like an unread norm, have none)
+    model.save_pretrained(tmp_path / "trained")
+    assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path / "trained"), model.eval(), ids[:2])
+
+
 # --- python -m newllm.export ---------------------------------------------------------------------
 
 
@@ -292,21 +316,17 @@ def test_export_needs_exactly_one_of_trial_and_best(tmp_path, experiment, capsys
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_export_of_a_tiny_search_loads_and_generates(tmp_path, monkeypatch, tiny_space):
-    monkeypatch.setenv("NEWLLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    space = tiny_space("gate_train_er: 0.0\n  gate_val_er: 0.0")  # every trial that does not diverge passes
-    try:
-        code = search.main(["--local", "--space", space, "--name", "tiny", "--storage-path", str(tmp_path / "res"),
-                            "--num-trials", "2"])
-    finally:
-        ray.shutdown()
-    assert code == 0
-    trials, _ = results.load(tmp_path / "res" / "tiny")
+@pytest.mark.slow
+def test_export_of_a_tiny_search_loads_and_generates(tmp_path, tiny_search):
+    trials, _ = results.load(tiny_search.directory)
     best = trials[trials.status == "passed"].sort_values("objective").iloc[0]
-    # move and rename the experiment: the stored checkpoint paths no longer exist
+    # a moved and renamed experiment: its stored checkpoint paths name a directory that is gone
     moved = tmp_path / "elsewhere" / "renamed"
-    shutil.move(tmp_path / "res" / "tiny", moved)
+    shutil.copytree(tiny_search.directory, moved)
+    gone = tmp_path / "gone" / "tiny"
+    trials.checkpoint_path = trials.checkpoint_path.str.replace(str(tiny_search.directory.resolve()), str(gone))
+    trials.to_parquet(moved / results.TRIALS_FILE, index=False)
+    best = trials.loc[best.name]
     assert not Path(best.checkpoint_path).exists()
 
     out = tmp_path / "hf"
@@ -318,7 +338,7 @@ def test_export_of_a_tiny_search_loads_and_generates(tmp_path, monkeypatch, tiny
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert (model.config.context_dim, model.config.num_layers) == (best.context_dim, best.num_layers)
-    checkpoint = moved / Path(best.checkpoint_path).relative_to((tmp_path / "res" / "tiny").resolve())
+    checkpoint = moved / Path(best.checkpoint_path).relative_to(gone)
     core, _ = load_model(checkpoint)
     prompt = tokenizer("The for statement", return_tensors="pt")
     torch.testing.assert_close(model(**prompt).logits, core(prompt["input_ids"])[0], rtol=1e-5, atol=1e-6)

@@ -21,6 +21,7 @@ def trial_checkpoints(checkpoint_path: str) -> list[Path]:
     return sorted(Path(checkpoint_path).parent.glob("checkpoint_*"))
 
 
+@pytest.mark.slow
 def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_path):
     trials, iterations = results.load(tiny_search.directory)
     passed = trials[trials.status == "passed"]
@@ -44,6 +45,7 @@ def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_p
         assert 0 <= row.final_effective_rank_fraction <= 1 and 0 <= row.final_converged_ratio <= 1
 
 
+@pytest.mark.slow
 def test_exported_model_has_the_reported_val_ppl(tiny_search, tmp_path):
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM

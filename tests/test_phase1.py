@@ -44,10 +44,8 @@ def grads(model: NewLLM) -> list[torch.Tensor]:
 def test_fast_pass_gradient_equals_per_token_reference(arch, num_streams):
     model = small_model(arch)
     e, previous = one_pass_state(model, num_streams)
-    carry = previous[:, -1]
-
     ref = copy.deepcopy(model)
-    ref_out, ref_loss, ref_cvfp, ref_dist = reference_pass(ref, e, carry, previous, w=0.3)
+    ref_out, ref_loss, ref_cvfp, ref_dist = reference_pass(ref, e, phase1.hand_over(previous), previous, w=0.3)
 
     cfg = TrainConfig(**SMALL, hidden_dim=model.cfg.hidden_dim, architecture=arch, phase1_chunk_tokens=1000)
     inputs, outputs = phase1.next_pass(model, e, previous, cfg)
@@ -92,7 +90,7 @@ def test_pass_2_cvfp_loss_is_not_zero_and_targets_are_previous_pass():
 
     with torch.no_grad():
         e = phase1.as_streams(initial.embed(ids), 1)
-        _, c0 = phase1.first_pass(initial, e, cfg)
+        c0 = phase1.first_pass(initial, e, cfg)
         _, c1 = phase1.next_pass(initial, e, c0, cfg)      # pass 1: untrained weights
         _, c2 = phase1.next_pass(model, e, c1, cfg)        # pass 2: weights after one step (no step on the last)
     assert result.history[0].cvfp_loss == pytest.approx(phase1.cvfp_loss(c1, c0).item(), rel=1e-5)
@@ -101,32 +99,65 @@ def test_pass_2_cvfp_loss_is_not_zero_and_targets_are_previous_pass():
     assert result.history[1].converged_ratio < 1.0
 
 
-def test_context_is_carried_across_positions_and_passes():
+def test_context_is_carried_across_positions_and_streams_hand_over():
     model = small_model("gated")
-    e, previous = one_pass_state(model, num_streams=3)
+    e, _ = one_pass_state(model, num_streams=3)
     cfg = TrainConfig(**SMALL, hidden_dim=12, architecture="gated")
-    inputs0, outputs0 = phase1.first_pass(model, e, cfg)
-    assert (inputs0[:, 0] == 0).all()                                   # pass 0 starts from zero
-    torch.testing.assert_close(inputs0[:, 1:], outputs0[:, :-1])        # each position reads its predecessor
+    outputs0 = phase1.first_pass(model, e, cfg)
     inputs1, outputs1 = phase1.next_pass(model, e, outputs0, cfg)
-    torch.testing.assert_close(inputs1[:, 0], outputs0[:, -1])          # each stream carries its last context over
-    torch.testing.assert_close(inputs1[:, 1:], outputs1[:, :-1])
+    # stream b starts from stream b - 1's last context of the previous pass, stream 0 from the last stream's
+    torch.testing.assert_close(inputs1[:, 0], outputs0[[2, 0, 1], -1])
+    torch.testing.assert_close(inputs1[:, 1:], outputs1[:, :-1])        # each position reads its predecessor
     assert not torch.allclose(outputs1[:, 0], outputs0[:, 0])
 
 
-@pytest.mark.parametrize("arch", ["residual", "gated"])
-def test_jacobi_iteration_reaches_the_exact_recurrence(arch):
-    """With a fixed start, L Jacobi passes over streams of length L give the recurrence's contexts."""
-    model = small_model(arch)
-    e, _ = one_pass_state(model, num_streams=2, tokens=40)
-    start = torch.randn(2, 8)
-    _, exact = phase1.sequential_pass(model, e, start)
-    jacobi = torch.zeros_like(exact)
-    for k in range(e.shape[1]):
-        jacobi = phase1.batched_update(model, e, phase1.shift_in(jacobi, start), chunk_tokens=16)
-        if k == 0:
-            assert not torch.allclose(jacobi[:, 1:], exact[:, 1:], atol=1e-3)
-    torch.testing.assert_close(jacobi, exact, rtol=1e-5, atol=1e-5)
+def converge(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, streams: int) -> tuple[torch.Tensor, int]:
+    """Frozen-weight passes over ``streams`` streams until no context moves by 5e-6 (float rounding differs between batch sizes): (contexts
+    in stream order, passes after pass 0)."""
+    with torch.no_grad():
+        e = phase1.as_streams(model.embed(ids), streams)
+        previous = phase1.first_pass(model, e, cfg)
+        for passes in range(1, 1000):
+            _, outputs = phase1.next_pass(model, e, previous, cfg)
+            if (outputs - previous).abs().max() < 5e-6:
+                break
+            previous = outputs
+    return outputs.flatten(0, 1), passes
+
+
+@pytest.mark.parametrize("mode", ["exact", "jacobi"])
+def test_streams_that_hand_over_reach_the_single_stream_fixed_point(mode, monkeypatch):
+    """B = 8 streams and the seed's single stream converge to the same contexts; with each
+    stream carrying its own last context (B cyclic texts) they do not."""
+    model = small_model("gated")
+    cfg = TrainConfig(**SMALL, hidden_dim=12, architecture="gated", phase1_mode=mode)
+    ids = torch.randint(40, (256,), generator=torch.Generator().manual_seed(4))
+    single, single_passes = converge(model, ids, cfg, 1)
+    streams, stream_passes = converge(model, ids, cfg, 8)
+    torch.testing.assert_close(streams, single, rtol=0, atol=1e-5)
+    assert single_passes < 999 and stream_passes < 999
+    print(f"{mode}: B = 1 took {single_passes} passes, B = 8 took {stream_passes}")
+    monkeypatch.setattr(phase1, "hand_over", lambda previous: previous[:, -1])  # each stream its own cyclic text
+    cyclic, _ = converge(model, ids, cfg, 8)
+    assert (cyclic - single).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["exact", "jacobi"])
+def test_fixed_passes_from_phase1_contexts_need_fewer_passes(mode):
+    model = small_model("residual")
+    ids = torch.randint(40, (1024,), generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(**SMALL, hidden_dim=16, phase1_max_iter=40, phase1_streams=4, phase1_mode=mode,
+                      phase1_min_iter=1)
+    result = phase1.train_phase1(model, ids, cfg)
+    from_zero = phase1.fixed_contexts(model, ids, cfg)
+    from_phase1 = phase1.fixed_contexts(model, ids, cfg, start=result.contexts)
+    assert from_phase1.passes <= from_zero.passes
+    if mode == "jacobi":  # a Jacobi pass moves information one token on: from zero it takes many
+        assert from_phase1.passes < from_zero.passes
+    assert phase1.converged_ratio(from_phase1.contexts, from_zero.contexts, cfg.convergence_threshold) >= 0.95
+    # passes are counted alike: each record is a pass after pass 0, compared with its predecessor
+    assert [r.pass_index for r in from_zero.history] == list(range(1, from_zero.passes + 1))
+    assert all(r.lr == 0 for r in from_zero.history)
 
 
 def record(i: int, ratio: float, er_fraction: float = 0.5, loss: float = 1.0) -> PassRecord:
@@ -166,8 +197,8 @@ def test_number_of_streams_keeps_streams_long_enough():
     assert phase1.num_streams(100_000, replace(cfg, phase1_streams=1)) == 1
 
 
-@pytest.mark.parametrize("mode", ["exact", "parallel"])
-def test_phase1_is_deterministic_and_validation_passes_freeze_weights(mode):
+@pytest.mark.parametrize("mode", ["exact", "jacobi"])
+def test_phase1_is_deterministic(mode):
     cfg = TrainConfig(**SMALL, hidden_dim=16, phase1_max_iter=4, phase1_mode=mode, phase1_streams=2)
     ids = torch.randint(40, (600,), generator=torch.Generator().manual_seed(3))
     runs = []
@@ -177,7 +208,5 @@ def test_phase1_is_deterministic_and_validation_passes_freeze_weights(mode):
     (a, model_a), (b, _) = runs
     assert [r.loss for r in a.history] == [r.loss for r in b.history]
     assert [r.effective_rank for r in a.history] == [r.effective_rank for r in b.history]
-    before = [p.clone() for p in model_a.parameters()]
     fixed = phase1.fixed_contexts(model_a, ids, cfg)
-    assert all(torch.equal(p, q) for p, q in zip(before, model_a.parameters()))
-    assert fixed.contexts.shape == (len(fixed.ids), 8) and 1 <= fixed.passes <= cfg.phase1_max_iter + 1
+    assert fixed.contexts.shape == (len(fixed.ids), 8) and 1 <= fixed.passes <= cfg.phase1_max_iter

@@ -35,9 +35,13 @@ def run_search(tmp_path: Path, space: str, name: str, *extra: str) -> pd.DataFra
     return trials, iterations
 
 
-def test_small_search_writes_one_typed_row_per_trial(tmp_path, tiny_space):
-    trials, iterations = run_search(tmp_path, tiny_space(), "ok")
+@pytest.mark.slow
+def test_small_search_writes_one_typed_row_per_trial(tiny_search):
+    trials, iterations = results.load(tiny_search.directory)
     assert len(trials) == 3 and trials.trial_id.is_unique
+    # every column has its declared dtype: a summary key without one cannot slip through
+    declared = search.TrialRow.dtypes()
+    assert set(trials.columns) == set(declared) | set(search.versions())
     assert str(trials.context_dim.dtype) == "int64" and str(trials.dist_reg_weight.dtype) == "float64"
     assert str(trials.architecture.dtype) in ("object", "str", "string")
     assert set(trials.status) <= {"passed", "gate_failed", "diverged"}
@@ -57,6 +61,7 @@ def test_small_search_writes_one_typed_row_per_trial(tmp_path, tiny_space):
     assert iterations.objective.notna().all()
 
 
+@pytest.mark.slow
 def test_gate_failure_skips_phase2(tmp_path, tiny_space):
     trials, iterations = run_search(tmp_path, tiny_space("gate_train_er: 1.0"), "gate", "--num-trials", "2")
     assert list(trials.status) == ["gate_failed", "gate_failed"]
@@ -108,6 +113,7 @@ def test_bad_cli_flag_is_usage_error():
     assert r.returncode == 2 and "invalid int value" in r.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path, tiny_space):
     space = tiny_space("phase1_min_iter: 4")
     args = [sys.executable, "-m", "newllm.search", "--local", "--space", space, "--name", "r",
@@ -138,6 +144,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_search(tmp_path, tiny_space):
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NEWLLM_CACHE": str(tmp_path / "cache")}
