@@ -150,6 +150,7 @@ def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, phase1: Phase1Res
     t0 = time.perf_counter()
     # the train stream starts from Phase 1's last pass (same weights): a pass or two to converge
     train_fixed = fixed_contexts(model, train_ids, cfg, start=phase1.contexts)
+    phase1.contexts = None  # N x C, needed only as that start: free it before Phase 2
     val_fixed = fixed_contexts(model, val_ids, cfg)
     if not (torch.isfinite(train_fixed.contexts).all() and torch.isfinite(val_fixed.contexts).all()):
         return result
