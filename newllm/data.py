@@ -10,7 +10,9 @@ Sources (``DataConfig.source``):
   time with pyarrow), ``.jsonl`` (one JSON object a line) or ``.json`` (an array of objects,
   or JSON Lines);
 - ``hf:NAME`` (e.g. ``hf:HuggingFaceH4/ultrachat_200k`` with ``hf_split="train_sft"``): a
-  Hugging Face hub data set, read by ``datasets``, for machines that reach the hub.
+  Hugging Face hub data set (on machines that reach the hub), or a local data set folder that
+  ``datasets`` can load (e.g. ``hf:/data/corpus`` holding ``train.jsonl``), streamed: rows are
+  read only until ``num_samples`` documents are found, nothing is downloaded or cached whole.
 
 A row whose text column is missing but which has the chat ``messages`` column of ultrachat
 becomes the messages' contents joined by newlines; the first row's columns are the ones
@@ -47,7 +49,7 @@ def _f(default, help: str, flag: str | None = ""):
 @dataclass(frozen=True)
 class DataConfig:
     source: str = _f("builtin", "builtin (offline default), a directory of .txt, a .txt/.parquet/.jsonl/.json "
-                                "file, or hf:NAME", flag="--data")
+                                "file, or hf:NAME (a hub or local data set, streamed)", flag="--data")
     num_samples: int = _f(10, "documents used, train + val; 0 = all")
     train_val_split: float = _f(0.8, "train fraction of the documents")
     vocab_size: int = _f(1000, "BPE vocabulary size")
@@ -192,15 +194,31 @@ def parquet_records(path: Path) -> Iterator[dict]:
 
 
 def hf_dataset(name: str, config: str | None, split: str):
-    """A Hugging Face hub data set; ValueError naming it if it cannot be loaded."""
+    """A Hugging Face data set (a hub id or a local data set folder) opened for streaming: an
+    ``IterableDataset`` whose rows are read as it is iterated; ValueError naming it if it cannot
+    be opened."""
     if not name:
         raise ValueError("hf: needs a data set name, e.g. hf:HuggingFaceH4/ultrachat_200k")
     import datasets
 
     try:
-        return datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:  # unknown, unreachable, bad split
-        raise ValueError(f"cannot load hf data set {name!r}: {' '.join(str(e).split())}") from e
+        raise ValueError(f"cannot load hf data set {name!r}: {' '.join(str(e).split())}; check the name "
+                         f"(a hub id or a local data set folder), --hf-split ({split!r}) and "
+                         f"--hf-config ({config!r})") from e
+
+
+def hf_records(name: str, config: str | None, split: str) -> Iterator[dict]:
+    """The rows of a streamed hf data set, read only as far as they are iterated; ValueError
+    naming it if one cannot be read (a malformed file, a dropped connection)."""
+    import datasets
+
+    dataset = hf_dataset(name, config, split)
+    try:
+        yield from dataset
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        raise ValueError(f"cannot read hf data set {name!r}: {' '.join(str(e).split())}") from e
 
 
 def load_documents(cfg: DataConfig) -> list[str]:
@@ -209,7 +227,7 @@ def load_documents(cfg: DataConfig) -> list[str]:
     if src == "builtin":
         docs = builtin_documents()
     elif src.startswith("hf:"):
-        return table_documents(hf_dataset(src[3:], cfg.hf_config, cfg.hf_split), cfg.text_column,
+        return table_documents(hf_records(src[3:], cfg.hf_config, cfg.hf_split), cfg.text_column,
                                cfg.num_samples, f"hf data set {src[3:]!r}")
     else:
         path = Path(src)

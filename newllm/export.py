@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"experiment directory {str(experiment)!r} does not exist "
                                     f"(copy s3:// or gs:// storage to a local directory first)")
         trials, _ = load(experiment)
+        if trials.empty:
+            raise ValueError(f"no trial of {str(experiment)!r} has finished yet: nothing to export")
         row = pick_trial(trials, args.trial)
         checkpoint = find_checkpoint(row, experiment)
         try:

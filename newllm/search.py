@@ -24,28 +24,18 @@ from newllm import __version__
 from newllm.config import add_data_arguments, data_config_from_args, field_types
 from newllm.data import prepare_data
 from newllm.run import SUMMARY_DTYPES
-from newllm.space import SearchSpace, load_space
+from newllm.space import SearchSpace, builtin_spaces, load_space, resolve_space
 
-REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 PROGRESS_SECONDS = 10.0
 
 
-def resolve_space(name: str) -> str:
-    """A path, or the name of a file in the repository's search_spaces/ ("laptop")."""
-    if Path(name).exists():
-        return name
-    for candidate in (REPO_SPACES / name, REPO_SPACES / f"{name}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return name
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m newllm.search",
         description="Ray Tune + Optuna search over New-LLM configurations (Phase 1 CVFP, gate, Phase 2).",
     )
-    p.add_argument("--space", default="laptop", help="search-space YAML, or a name in search_spaces/ (default: %(default)s)")
+    p.add_argument("--space", default="laptop",
+                   help=f"search-space YAML, or a built-in space: {', '.join(builtin_spaces())} (default: %(default)s)")
     p.add_argument("--num-trials", type=int, help="trials to run (default: the space's num_trials)")
     p.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
     p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (= torch threads) per trial (default: %(default)s)")
@@ -58,7 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the experiment --name after an interruption")
     add_data_arguments(p, defaults=False)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -82,6 +76,33 @@ def experiment_dir(args: argparse.Namespace) -> str:
     return f"{storage_root(args.storage_path).rstrip('/')}/{args.name}"
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "beegfs", "glusterfs", "fuse")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the file system holding ``path`` (Linux /proc/mounts), or None if unknown."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    inside = [(m, t) for m, t in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
+    return max(inside, key=lambda mt: len(mt[0]))[1] if inside else None
+
+
+def storage_warning(storage: str, num_nodes: int) -> str | None:
+    """A warning when a multi-node cluster gets a storage path that only this machine sees."""
+    if num_nodes <= 1 or "://" in storage:
+        return None
+    fs = filesystem_type(storage)
+    if fs is not None and fs.split(".")[0] in NETWORK_FILESYSTEMS:
+        return None
+    return (f"warning: --storage-path {storage} is a local directory ({fs or 'unknown'} file system), but the "
+            f"Ray cluster has {num_nodes} nodes. Trials on other machines would write their checkpoints to "
+            f"their own disks, where a retry on another node and this driver cannot find them. Use storage "
+            f"every node mounts (NFS), or s3:// / gs://. (Fine if every node runs on this machine.)")
+
+
 # --- rows and reports ---------------------------------------------------------------------
 
 
@@ -99,25 +120,31 @@ CONFIG_DTYPES = {int: "int64", float: "float64", bool: "bool", str: "string"}
 
 @dataclass
 class TrialRow:
-    """The trials-table row of a finished trial: id, status, summary, full config, versions."""
+    """The trials-table row of a finished trial: id, status, summary, where it ran, full config,
+    versions. ``node_id`` and ``hostname`` say where its final result came from; ``node_ids``
+    lists the node of each attempt (comma-separated, in order: more than one when a lost node or
+    a restarted driver made Tune run it again) and ``phase1_restored`` whether the attempt that
+    finished started from the Phase 1 checkpoint instead of running Phase 1."""
 
     space: SearchSpace
     versions: dict
 
-    def __call__(self, trial, result: dict) -> dict:
+    def __call__(self, trial, result: dict, node_ids: list[str]) -> dict:
         summary = {k: result.get(k) for k in SUMMARY_DTYPES}
         summary["status"] = result["status"] if result.get("phase") == "final" or result.get("status") == "error" \
             else "error"
         checkpoint = trial.checkpoint
-        summary["trial_seconds"] = result.get("time_total_s")
-        return {"trial_id": trial.trial_id, **summary, **self.space.trial_config(trial.config).to_dict(),
+        where = {"trial_seconds": result.get("time_total_s"), "node_id": result.get("node_id"),
+                 "hostname": result.get("hostname"), "node_ids": ",".join(node_ids), "attempts": len(node_ids),
+                 "phase1_restored": result.get("phase1_restored")}
+        return {"trial_id": trial.trial_id, **summary, **where, **self.space.trial_config(trial.config).to_dict(),
                 "checkpoint_path": checkpoint.path if checkpoint is not None else None, **self.versions}
-
 
     @staticmethod
     def dtypes() -> dict[str, str]:
-        return {"trial_id": "string", **SUMMARY_DTYPES, "trial_seconds": "float64", "checkpoint_path": "string",
-                **{name: CONFIG_DTYPES[t] for name, t in field_types().items()}}
+        return {"trial_id": "string", **SUMMARY_DTYPES, "trial_seconds": "float64", "node_id": "string",
+                "hostname": "string", "node_ids": "string", "attempts": "Int64", "phase1_restored": "boolean",
+                "checkpoint_path": "string", **{name: CONFIG_DTYPES[t] for name, t in field_types().items()}}
 
 
 class Progress(Callback):
@@ -239,13 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     # two checkpoints per trial (after Phase 1, at the end) trip Tune's snapshot-rate warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.local:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     elif args.address:
         ray.init(address=args.address, log_to_driver=False)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
+    warning = storage_warning(storage_root(args.storage_path), sum(n["Alive"] for n in ray.nodes()))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = args.concurrency or max(1, cpus // args.cpus_per_trial)
     print(f"Ray: {cpus} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; {concurrency} trials at once, "
@@ -282,6 +312,8 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
             run_config=tune.RunConfig(name=args.name, storage_path=storage_root(args.storage_path),
                                       callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
+                                      # both kept (after Phase 1, final): Phase 1's weights stay
+                                      # comparable with the final ones
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     tuner.fit()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import typing
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 import optuna.distributions as od
@@ -40,6 +41,8 @@ DIST_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "l
              "categorical": {"type", "choices"}}
 DATA_KEYS = {f.name for f in fields(DataConfig)} - {"cache_dir"}
 MAX_CORNERS = 4096
+# the top-level search_spaces/ directory, installed as this package (see pyproject.toml)
+BUILTIN_SPACES = "newllm.search_spaces"
 
 
 class SpaceError(ValueError):
@@ -67,6 +70,24 @@ class SearchSpace:
     def metrics(self) -> list[str]:
         """Names of the reported metrics that Optuna minimises."""
         return [OBJECTIVES[o] for o in self.objectives]
+
+
+def builtin_spaces() -> list[str]:
+    """Names of the search spaces that ship with newllm (the files in search_spaces/)."""
+    return sorted(f.name.removesuffix(".yaml") for f in resources.files(BUILTIN_SPACES).iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def resolve_space(name: str) -> str:
+    """The file that ``--space name`` means: an existing path as given, else the built-in space
+    ``name`` ("laptop" or "laptop.yaml"), read from the installed package so that it works from
+    a wheel as from the checkout. Any other name comes back unchanged for load_space to report."""
+    if Path(name).exists():
+        return name
+    stem = name.removesuffix(".yaml")
+    if stem in builtin_spaces():
+        return str(resources.files(BUILTIN_SPACES) / f"{stem}.yaml")  # a real file: packages install as files
+    return name
 
 
 def _is(value, kind: type) -> bool:
@@ -136,8 +157,8 @@ def load_space(path: str | Path) -> SearchSpace:
     where = str(path)
     p = Path(path)
     if not p.is_file():
-        raise SpaceError(f"search space {where!r} "
-                         f"{'is a directory' if p.is_dir() else 'does not exist'} (see search_spaces/ for examples)")
+        raise SpaceError(f"search space {where!r} {'is a directory' if p.is_dir() else 'does not exist'}: give a "
+                         f"YAML file or a built-in space ({', '.join(builtin_spaces())}; files in search_spaces/)")
     try:
         raw = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
     except OSError as e:

@@ -11,8 +11,12 @@ Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` a
 
 Every row's ``objective`` comes from ``newllm.run.objective``: until a Phase 2 result exists
 it is the gate-failed penalty the trial would get if it ended there; in Phase 2 it is the best
-val perplexity so far. A retried or resumed trial loads the Phase 1 checkpoint and does not
-redo Phase 1.
+val perplexity so far. Every row also carries ``node_id`` (the Ray node that ran it; Tune adds
+``hostname``) and ``phase1_restored``.
+
+A retried trial (its node was lost) or a resumed one (the driver was restarted) starts from its
+latest checkpoint: from the Phase 1 checkpoint it skips Phase 1 (``phase1_restored`` True); from
+the final checkpoint it only reports the saved summary again.
 """
 
 from __future__ import annotations
@@ -48,17 +52,24 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
     torch.set_num_threads(threads)
     model = build_model(cfg, data.vocab_size, device)
     num_params = model.num_params()
-    phase1 = None
+    phase1, record = None, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model, record = load_model(d, device)
-        history = [PassRecord(**r) for r in record["phase1"]["history"]]
-        phase1 = Phase1Result(history, record["phase1"]["stop_reason"], record["phase1"]["seconds"])
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "phase1_restored": record is not None}
 
     def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({"phase": phase, "step": step, "num_params": num_params, **row}, checkpoint=checkpoint)
+        tune.report({"phase": phase, "step": step, "num_params": num_params, **where, **row}, checkpoint=checkpoint)
+
+    if record is not None and "summary" in record:  # the run had finished: nothing to redo
+        where["phase1_restored"] = record["phase1_restored"]
+        report("final", 0, {"threads": threads, "device": device, **record["summary"]})
+        return
+    if record is not None:
+        history = [PassRecord(**r) for r in record["phase1"]["history"]]
+        phase1 = Phase1Result(history, record["phase1"]["stop_reason"], record["phase1"]["seconds"])
 
     def on_pass(r: PassRecord) -> None:
         report("phase1", r.pass_index, {**r.to_dict(),
@@ -66,12 +77,16 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
 
     def on_gate(result: TrainResult) -> None:
         p1 = result.phase1
+        row = {**result.summary(), "objective": objective(
+            "gate_failed", train_er_fraction=result.train_analysis.effective_rank_fraction)}
+        if where["phase1_restored"]:  # its checkpoint holds these weights already
+            report("analysis", 0, row)
+            return
         with tempfile.TemporaryDirectory() as d:
             save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(),
                        phase1={"history": [r.to_dict() for r in p1.history],
                                "stop_reason": p1.stop_reason, "seconds": p1.seconds})
-            report("analysis", 0, {**result.summary(), "objective": objective(
-                "gate_failed", train_er_fraction=result.train_analysis.effective_rank_fraction)}, d)
+            report("analysis", 0, row, d)
 
     best = [float("inf")]
 
@@ -81,5 +96,6 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
 
     result = train(cfg, data, model, phase1=phase1, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch)
     with tempfile.TemporaryDirectory() as d:
-        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary())
+        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary(),
+                   phase1_restored=where["phase1_restored"])
         report("final", 0, {"threads": threads, "device": device, **result.summary()}, d)

@@ -3,16 +3,67 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import secrets
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    from ray.cluster_utils import Cluster
+
     from newllm.data import TokenData
+
+
+def pytest_configure(config) -> None:
+    # Ray >= 2.59 wants token authentication for `ray start` and `ray job submit`. One token for
+    # the whole session, in the environment that every Ray this session starts inherits (local
+    # ray.init, test clusters, drivers in subprocesses), so none writes ~/.ray/auth_token.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    """A running multi-node Ray cluster on this machine: ``cluster`` (its handle: ``add_node``,
+    ``remove_node``), ``workers`` (the two 1-CPU worker nodes) and the job-submission address."""
+
+    cluster: Cluster
+    workers: list
+    dashboard: str
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[RayCluster]:
+    """A head that schedules no trials (``num_cpus=0``) and two worker nodes of 1 CPU each, torn
+    down by its own handle. Node deaths are detected within about a second."""
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
+                           "health_check_initial_delay_ms": 0}})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield RayCluster(cluster, workers, f"http://127.0.0.1:{port}")
+    finally:
+        cluster.shutdown()
 
 # a search space whose trials finish in seconds; %s takes more fixed settings
 TINY_SPACE = """
@@ -67,8 +118,8 @@ def tiny_search(tmp_path_factory) -> TinySearch:
     root = tmp_path_factory.mktemp("tiny_search")
     space = root / "tiny.yaml"
     space.write_text(TINY_SPACE % "gate_train_er: 0.0\n  gate_val_er: 0.0")
-    saved = {k: os.environ.get(k) for k in ("NEWLLM_CACHE", "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update(NEWLLM_CACHE=str(root / "cache"), RAY_USAGE_STATS_ENABLED="0")
+    saved = {"NEWLLM_CACHE": os.environ.get("NEWLLM_CACHE")}
+    os.environ["NEWLLM_CACHE"] = str(root / "cache")
     try:
         code = search.main(["--local", "--space", str(space), "--name", "tiny", "--storage-path", str(root / "res")])
         assert code == 0

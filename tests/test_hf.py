@@ -325,6 +325,7 @@ def test_export_of_a_tiny_search_loads_and_generates(tmp_path, tiny_search):
     shutil.copytree(tiny_search.directory, moved)
     gone = tmp_path / "gone" / "tiny"
     trials.checkpoint_path = trials.checkpoint_path.str.replace(str(tiny_search.directory.resolve()), str(gone))
+    shutil.rmtree(moved / results.TRIALS_FILE)  # the table rewritten with those paths
     trials.to_parquet(moved / results.TRIALS_FILE, index=False)
     best = trials.loc[best.name]
     assert not Path(best.checkpoint_path).exists()
