@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int, exp_dir: str) -> None:
+def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int, exp_dir: str,
+               points: list[dict] | None = None) -> None:
+    """Run the search's trials; ``points``: configurations to try first, in order (benchmarks
+    give the same ones to every side)."""
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -303,12 +306,15 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
         metrics = space.metrics
         sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True)
         searcher = OptunaSearch(space=space.params, metric=metrics if len(metrics) > 1 else metrics[0],
-                                mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler)
+                                mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler,
+                                points_to_evaluate=points)
         callbacks = [ParquetResults(exp_dir, TrialRow(space, versions()), TrialRow.dtypes()), Progress(num_trials)]
         tuner = tune.Tuner(
             trainable,
+            # a finished trial's actor (its process, torch imported) runs the next trial; run_trial
+            # sets everything per trial (threads, seeds), so nothing carries over
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_trials,
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=concurrency, reuse_actors=True),
             run_config=tune.RunConfig(name=args.name, storage_path=storage_root(args.storage_path),
                                       callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),

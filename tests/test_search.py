@@ -139,3 +139,43 @@ def test_local_storage_on_a_multi_node_cluster_is_warned_not_refused(tmp_path):
     assert search.storage_warning("s3://bucket/newllm", num_nodes=3) is None
     warning = search.storage_warning(str(tmp_path), num_nodes=3)
     assert warning.startswith("warning: --storage-path") and str(tmp_path) in warning and "3 nodes" in warning
+
+
+@pytest.mark.slow
+def test_a_reused_actor_leaks_no_state_between_trials(tmp_path):
+    # one configuration, two trials one after the other: the second runs in the first's actor
+    space = tmp_path / "same.yaml"
+    space.write_text(TINY_SAME_CONFIG)
+    trials, iterations = run_search(tmp_path, str(space), "same", "--concurrency", "1")
+    first, second = (iterations[iterations.trial_id == t] for t in trials.trial_id)
+    assert first.pid.iloc[0] == second.pid.iloc[0], "the second trial did not reuse the first's actor"
+    assert (trials.attempts == 1).all()
+    # same seed, same configuration: the same numbers, whether or not the actor was fresh
+    numbers = [c for c in first if c.endswith(("loss", "ppl", "acc", "ratio", "fraction", "rank"))]
+    assert len(first) == len(second) and numbers
+    for column in numbers:
+        assert first[column].tolist() == second[column].tolist() or (
+            first[column].isna().tolist() == second[column].isna().tolist()
+            and first[column].dropna().tolist() == second[column].dropna().tolist()), column
+    same = [c for c in trials if c.endswith(("loss", "ppl", "acc", "ratio", "fraction", "rank", "passes"))]
+    assert trials[same].iloc[0].equals(trials[same].iloc[1])
+
+
+TINY_SAME_CONFIG = """
+num_trials: 2
+params:
+  context_dim: {type: categorical, choices: [16]}
+fixed:
+  embed_dim: 8
+  num_layers: 2
+  phase1_max_iter: 4
+  phase1_streams: 4
+  phase2_epochs: 2
+  phase2_lr: 0.001
+  phase2_batch_size: 64
+  gate_train_er: 0.0
+  gate_val_er: 0.0
+data:
+  num_samples: 6
+  vocab_size: 300
+"""
