@@ -113,6 +113,43 @@ def fast_passes(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: str)
         yield time.perf_counter() - t0
 
 
+def breakdown(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: str, repeats: int) -> dict:
+    """Where an exact training pass's time goes, each part timed alone on the same inputs
+    (medians): the no-grad sequential pass, the batched recompute of the forward, the batched
+    forward + backward that accumulate_gradient runs, and the loss, effective rank and converged
+    ratio; plus the GEMM fraction the pass would reach if the backward needed no recompute."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        e = phase1.as_streams(model.embed(ids), phase1.num_streams(len(ids), cfg))
+    previous = phase1.first_pass(model, e, cfg)
+    inputs, outputs = phase1.next_pass(model, e, previous, cfg)
+    _, _, _, grad = phase1.loss_and_output_grad(outputs, previous, cfg.effective_dist_reg_weight)
+
+    def metrics():
+        phase1.loss_and_output_grad(outputs, previous, cfg.effective_dist_reg_weight)
+        effective_rank(singular_values(outputs.flatten(0, 1)))
+        phase1.converged_ratio(outputs, previous, cfg.convergence_threshold)
+
+    parts = {
+        "sequential": lambda: phase1.next_pass(model, e, previous, cfg),
+        "batched_forward": lambda: phase1.batched_update(model, e, inputs, cfg.phase1_chunk_tokens),
+        "batched_forward_backward": lambda: phase1.accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens),
+        "metrics": metrics,
+    }
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, fn in parts.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    seconds = {k: statistics.median(v[1:]) for k, v in times.items()}
+    total = seconds["sequential"] + seconds["batched_forward_backward"] + seconds["metrics"]
+    return {"seconds": seconds, "share": {k: v / total for k, v in seconds.items() if k != "batched_forward"},
+            "without_recompute_s": total - seconds["batched_forward"]}
+
+
 def time_reference(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig, device: str) -> float:
     """Seconds of one Phase 1 training pass of the seed's per-token loop on the whole stream."""
     model = copy.deepcopy(model)
@@ -165,11 +202,13 @@ def run_size(name: str, ids: torch.Tensor, vocab_size: int, args: argparse.Names
     gemm = statistics.median(r[0] for r in rounds)
     rate = {"reference": reference, "exact": statistics.median(r[1] for r in rounds),
             "jacobi": statistics.median(r[2] for r in rounds)}
+    parts = breakdown(model, ids, cfg, args.device, args.repeats)
+    parts["gemm_fraction_without_recompute"] = len(ids) * flops / parts["without_recompute_s"] / gemm
     row = {"size": name, **SIZES[name], "tokens": len(ids), "streams": phase1.num_streams(len(ids), cfg),
            "token_passes_per_s": rate, "fast_over_reference": rate["exact"] / rate["reference"],
            "jacobi_over_reference": rate["jacobi"] / rate["reference"], "gemm_flops": gemm,
            "useful_flops_per_token_pass": flops,
-           "gemm_fraction": {k: r * flops / gemm for k, r in rate.items()}}
+           "gemm_fraction": {k: r * flops / gemm for k, r in rate.items()}, "exact_breakdown": parts}
     if not args.no_convergence:
         row["convergence"] = convergence(model, ids, cfg)
     return row
@@ -182,6 +221,12 @@ def print_table(rows: list[dict]) -> None:
             print(f"{row['size']:8} {k:10} {r:11.0f} {r / row['token_passes_per_s']['reference']:7.1f} "
                   f"{r * row['useful_flops_per_token_pass'] / 1e9:8.1f} {row['gemm_fraction'][k]:8.1%}")
         print(f"{row['size']:8} {'gemm':10} {'':11} {'':7} {row['gemm_flops'] / 1e9:8.1f} {'100.0%':>8}")
+    for row in rows:
+        b = row["exact_breakdown"]
+        share = ", ".join(f"{k} {v:.0%}" for k, v in b["share"].items())
+        print(f"{row['size']:8} exact pass: {share} (of which the forward recompute "
+              f"{b['seconds']['batched_forward'] / sum(b['seconds'][k] for k in b['share']):.0%}); without the "
+              f"recompute: {b['gemm_fraction_without_recompute']:.1%} of GEMM")
     for row in rows:
         conv = row.get("convergence")
         if conv:

@@ -39,7 +39,7 @@ def run_mode(space_file: str, freeze: bool, seed: int, out: Path) -> tuple[str, 
     path.write_text(yaml.safe_dump(raw))
     try:
         assert search.main(["--local", "--space", str(path), "--name", name, "--storage-path", str(out / "res"),
-                            "--seed", str(seed)]) == 0
+                            "--seed", str(seed), "--scheduler", "none"]) == 0  # every trial to its own end
     finally:
         ray.shutdown()
     return str(out / "res" / name), str(path)

@@ -147,7 +147,7 @@ def main() -> None:
         trials_before, iterations_before = results.load(exp)
         load_before = time.perf_counter() - t
         t = time.perf_counter()
-        new["cb"].on_experiment_end([])
+        new["cb"].on_experiment_end([SimpleNamespace(trial_id=f"t{i:05d}") for i in range(args.trials)])
         compaction = time.perf_counter() - t
         t = time.perf_counter()
         trials, iterations = results.load(exp)

@@ -75,7 +75,8 @@ def run_pool(pool: ProcessPoolExecutor, configs: list[dict]) -> float:
 def run_tuner(args, space: SearchSpace, data: TokenData, configs: list[dict], slots: int,
               root: str, round_: int) -> tuple[float, float, float]:
     """(Ray start, Tuner.fit, Ray stop) seconds of one search over ``configs``."""
-    argv = ["--space", args.space, "--name", f"round{round_}", "--storage-path", root]
+    # no scheduler: both sides run every trial to its own end
+    argv = ["--space", args.space, "--name", f"round{round_}", "--storage-path", root, "--scheduler", "none"]
     search_args = search.parse_args(argv)
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)

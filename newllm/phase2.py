@@ -24,6 +24,9 @@ Scoring one-step contexts computed from stale fixed inputs is what neither mode 
 the weights move, the recurrence no longer produces those inputs.
 
 Adam, gradient clip 1.0, early stopping with patience, and the best epoch's weights restored.
+After each epoch that improves on every earlier one, ``on_epoch`` also gets a ``Phase2State``:
+with the model's weights (then the best) it resumes Phase 2 exactly where that epoch ended,
+which is what the search's checkpoints hold.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from newllm.config import TrainConfig
 from newllm.model import NewLLM
 from newllm.phase1 import FixedContexts, as_streams
 
-StopReason = Literal["early_stopping", "max_epochs", "diverged"]
+StopReason = Literal["early_stopping", "max_epochs", "diverged", "scheduler"]
 
 EVAL_BATCH = 8192
 # exp() overflows float64 just above 709: a loss beyond this reports an infinite perplexity
@@ -75,6 +78,28 @@ class Phase2Result:
     @property
     def best(self) -> EpochRecord:
         return self.history[self.best_epoch - 1]
+
+
+@dataclass
+class Phase2State:
+    """Phase 2 after its best epoch so far (the last of ``history``), to resume from: with that
+    epoch's weights, the optimiser's state and where the data order stands."""
+
+    history: list[EpochRecord]
+    optimizer: dict
+    carry: torch.Tensor | None      # default mode: each stream's start context for the next epoch
+    generator: torch.Tensor | None  # freeze_context: the state of the batch-shuffling generator
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """Plain values and tensors only (a checkpoint is loaded with weights_only=True)."""
+        return {"history": [r.to_dict() for r in self.history], "optimizer": self.optimizer,
+                "carry": self.carry, "generator": self.generator, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Phase2State:
+        return cls([EpochRecord(**r) for r in d["history"]], d["optimizer"], d["carry"], d["generator"],
+                   d["seconds"])
 
 
 def perplexity(loss: float) -> float:
@@ -130,7 +155,8 @@ def tbptt_epoch(model: NewLLM, optimizer: torch.optim.Optimizer, params: list, e
     """One epoch of truncated backpropagation through the recurrence over streams ``e``
     [B, L, E] with next-token ``targets`` [B, L], from contexts ``start`` [B, C]: one optimiser
     step per window. Returns the mean train loss and each stream's last context."""
-    c, loss_sum = start, 0.0
+    c = start
+    loss_sum = torch.zeros((), dtype=torch.float64, device=e.device)  # summed on the device: no sync per step
     for s in range(0, e.shape[1], window):
         y = targets[:, s:s + window]
         loss, c = window_loss(model, e[:, s:s + window], y, c)
@@ -138,24 +164,24 @@ def tbptt_epoch(model: NewLLM, optimizer: torch.optim.Optimizer, params: list, e
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
-        loss_sum += loss.item() * y.numel()
+        loss_sum += loss.detach() * y.numel()
         c = c.detach()  # the truncation: the next window's gradient stops here
-    return loss_sum / targets.numel(), c
+    return float(loss_sum) / targets.numel(), c
 
 
 def head_epoch(model: NewLLM, optimizer: torch.optim.Optimizer, params: list, contexts: torch.Tensor,
                targets: torch.Tensor, batch_size: int, generator: torch.Generator) -> float:
     """One epoch of the head alone on fixed ``contexts`` [M, C], shuffled batches of positions."""
     order = torch.randperm(len(targets), generator=generator).to(targets.device)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=contexts.device)
     for idx in order.split(batch_size):
         loss = F.cross_entropy(model.head(contexts[idx]), targets[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
-        loss_sum += loss.item() * len(idx)
-    return loss_sum / len(targets)
+        loss_sum += loss.detach() * len(idx)
+    return float(loss_sum) / len(targets)
 
 
 def num_phase2_streams(num_tokens: int, cfg: TrainConfig) -> int:
@@ -164,22 +190,30 @@ def num_phase2_streams(num_tokens: int, cfg: TrainConfig) -> int:
     return max(1, min(cfg.phase2_batch_size // cfg.phase2_bptt, (num_tokens - 1) // cfg.phase2_bptt))
 
 
+def phase2_layout(num_tokens: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(side-by-side streams, tokens per stream and step) of Phase 2 on ``num_tokens`` train
+    tokens; (0, 1) with freeze_context, which trains on shuffled positions."""
+    return (0, 1) if cfg.freeze_context else (num_phase2_streams(num_tokens, cfg), cfg.phase2_bptt)
+
+
 def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg: TrainConfig,
-                 on_epoch: Callable[[EpochRecord], None] | None = None) -> Phase2Result:
+                 on_epoch: Callable[[EpochRecord, Phase2State | None], None] | None = None,
+                 resume: Phase2State | None = None) -> Phase2Result:
     """Train on the train stream of ``train`` (its ids and Phase 1's fixed contexts), measure
-    on ``val_ids`` each epoch with ``stream_metrics``; ``model`` ends with its best weights."""
-    start_time = time.perf_counter()
+    on ``val_ids`` each epoch with ``stream_metrics``; ``model`` ends with its best weights.
+    ``on_epoch(record, state)`` follows every epoch, with ``state`` when the epoch is the best
+    so far. ``resume``: continue after that state's epoch (``model`` holding its weights)."""
+    start_time = time.perf_counter() - (resume.seconds if resume else 0.0)
     params = list(model.head.parameters())
     if not cfg.freeze_context:
         params += model.context_parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.phase2_lr)
     ids = train.ids
+    streams, window = phase2_layout(len(ids), cfg)
     if cfg.freeze_context:
         generator = torch.Generator().manual_seed(cfg.seed)
         val_contexts = read_contexts(model, val_ids)  # exact for every epoch: the context layers do not move
-        streams, window = 0, 1
     else:
-        streams, window = num_phase2_streams(len(ids), cfg), cfg.phase2_bptt
         with torch.no_grad():
             e = as_streams(model.embed(ids[:-1]), streams)
         targets = as_streams(ids[1:], streams)
@@ -189,8 +223,17 @@ def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg
 
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = math.inf, 0, None
+    if resume is not None:
+        history = list(resume.history)
+        best_loss, best_epoch = history[-1].val_loss, len(history)
+        best_state = copy.deepcopy(model.state_dict())
+        optimizer.load_state_dict(resume.optimizer)
+        if cfg.freeze_context:
+            generator.set_state(resume.generator)
+        else:
+            carry = resume.carry.to(carry.device)
     reason: StopReason = "max_epochs"
-    for epoch in range(1, cfg.phase2_epochs + 1):
+    for epoch in range(len(history) + 1, cfg.phase2_epochs + 1):
         t0 = time.perf_counter()
         if cfg.freeze_context:
             train_loss = head_epoch(model, optimizer, params, train.contexts[:-1], ids[1:],
@@ -202,15 +245,21 @@ def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg
             val_loss, val_acc = stream_metrics(model, val_ids)
         record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val_acc, time.perf_counter() - t0)
         history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if not math.isfinite(val_loss) or not math.isfinite(train_loss):
-            reason = "diverged"
-            break
-        if val_loss < best_loss:
+        finite = math.isfinite(val_loss) and math.isfinite(train_loss)
+        state = None
+        if finite and val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.phase2_patience:
+            state = Phase2State(list(history), copy.deepcopy(optimizer.state_dict()),
+                                None if cfg.freeze_context else carry.clone(),
+                                generator.get_state() if cfg.freeze_context else None,
+                                time.perf_counter() - start_time)
+        if on_epoch is not None:
+            on_epoch(record, state)
+        if not finite:
+            reason = "diverged"
+            break
+        if epoch - best_epoch >= cfg.phase2_patience:
             reason = "early_stopping"
             break
     if best_state is not None:

@@ -62,6 +62,44 @@ MERGE_EVERY = 100  # parts a writer merges into one file as it goes
 READ_TRIES = 5
 
 
+def filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The file system holding ``path`` (local, ``s3://``, ``gs://``) and the path on it."""
+    if "://" not in path:
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Put ``data`` at ``path`` atomically, with the mode the umask allows: a new dot-file
+    renamed into place, or one object put on object storage."""
+    fs, target = filesystem(path)
+    if "://" in path:
+        with fs.open_output_stream(target) as f:
+            f.write(data)
+        return
+    directory, name = os.path.split(target)
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_file(path: str) -> bytes | None:
+    """The bytes at ``path``, None if there is no such file."""
+    fs, target = filesystem(path)
+    if fs.get_file_info(target).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(target) as f:
+        return f.read()
+
+
 class Part(NamedTuple):
     """A part file: its name and the sequence numbers first..last of the parts it holds."""
 
@@ -97,11 +135,8 @@ class PartsTable:
     """
 
     def __init__(self, path: str, merge_every: int = MERGE_EVERY):
-        self.local = "://" not in path
-        if self.local:
-            self.fs, self.root = pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
-        else:
-            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(path)
+        self.path = path.rstrip("/")
+        self.fs, self.root = filesystem(self.path)
         self.merge_every = merge_every
         self.next_seq = 1  # a writer sets it from the parts on disk (ParquetResults.setup)
         self._unmerged: list[tuple[Part, pa.Table]] = []  # parts this writer wrote since its last merge
@@ -141,24 +176,10 @@ class PartsTable:
                     raise
 
     def write(self, name: str, table: pa.Table) -> None:
-        """Put ``table`` at ``name`` in the directory atomically, with the mode the umask allows:
-        a new dot-file renamed into place, or one object put on object storage."""
-        path = f"{self.root}/{name}"
-        if not self.local:
-            with self.fs.open_output_stream(path) as f:
-                pq.write_table(table, f)
-            return
-        os.makedirs(self.root, exist_ok=True)
-        tmp = f"{self.root}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with open(fd, "wb") as f:
-                pq.write_table(table, f)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        """Put ``table`` at ``name`` in the directory atomically (``write_file``)."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_file(f"{self.path}/{name}", sink.getvalue().to_pybytes())
 
     def append(self, table: pa.Table) -> None:
         """Write ``table`` as the next part; merge the parts since the last merge when they are
@@ -179,16 +200,31 @@ class PartsTable:
         for part in parts:
             self.fs.delete_file(f"{self.root}/{part.name}")
 
-    def compact(self) -> None:
+    def compact(self, keep: Callable[[pa.Table], pa.Table] | None = None) -> int:
         """Merge every live part into one file, after deleting the parts a merged file already
-        covers (left by a driver that died while merging)."""
+        covers (left by a driver that died while merging). ``keep`` filters the rows: those it
+        drops are deleted. Returns how many it dropped."""
         parts = self.parts()
         live = live_parts(parts)
         for part in parts:
             if part not in live:
                 self.fs.delete_file(f"{self.root}/{part.name}")
-        if len(live) > 1:
-            self.merge(live, concat([self.read_file(f"{self.root}/{p.name}") for p in live]))
+        if not live or (len(live) == 1 and keep is None):
+            return 0
+        table = concat([self.read_file(f"{self.root}/{p.name}") for p in live])
+        kept = table if keep is None else keep(table)
+        if kept.num_rows == table.num_rows:
+            if len(live) > 1:
+                self.merge(live, table)
+            return 0
+        # rows dropped: under a sequence number no part has, so that the file written is never
+        # one of those deleted
+        self.next_seq = max(self.next_seq, max(p.last for p in parts) + 1)
+        self.write(f"part-{live[0].first:06d}-{self.next_seq:06d}.parquet", kept)
+        self.next_seq += 1
+        for part in live:
+            self.fs.delete_file(f"{self.root}/{part.name}")
+        return table.num_rows - kept.num_rows
 
 
 def compact(path: str | os.PathLike) -> None:
@@ -313,8 +349,16 @@ class ParquetResults(Callback):
         self._finish(trial, {**(trial.last_result or {}), "status": "error"})
 
     def on_experiment_end(self, trials, **info) -> None:
+        """Compact both tables. The iteration rows of trials that Tune no longer knows go: a
+        driver killed after starting a trial, before Tune's next snapshot of its state, leaves
+        rows of a trial that the resumed search never runs again (it runs a new one instead)."""
         self.flush()
-        compact(self.directory)
+        known = pa.array([t.trial_id for t in trials], pa.string())
+        dropped = self._iterations.compact(keep=lambda rows: rows.filter(pc.is_in(rows.column("trial_id"), known)))
+        self._trials.compact()
+        if dropped:
+            print(f"Dropped {dropped} iteration rows of trials that a killed driver had started and the resumed "
+                  f"search replaced", flush=True)
 
     def _finish(self, trial, result: dict) -> None:
         if trial.trial_id in self._landed:

@@ -12,11 +12,12 @@ run whose perplexity reached 1e6 is counted as diverged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -26,7 +27,15 @@ from newllm.data import TokenData
 from newllm.metrics import FixedPointAnalysis, GateResult, analyse_fixed_points, gate
 from newllm.model import NewLLM
 from newllm.phase1 import PassRecord, Phase1Result, fixed_contexts, train_phase1
-from newllm.phase2 import EpochRecord, Phase2Result, perplexity, stream_metrics, train_phase2
+from newllm.phase2 import (
+    EpochRecord,
+    Phase2Result,
+    Phase2State,
+    perplexity,
+    phase2_layout,
+    stream_metrics,
+    train_phase2,
+)
 
 Status = Literal["passed", "gate_failed", "diverged"]
 
@@ -126,6 +135,78 @@ class TrainResult:
         assert row.keys() == SUMMARY_DTYPES.keys(), "summary and SUMMARY_DTYPES must name the same columns"
         return row
 
+    def analysis_record(self) -> dict:
+        """The fixed-point analysis and gate as plain values, for a checkpoint to restore."""
+        return {"train": self.train_analysis.to_dict(), "val": self.val_analysis.to_dict(),
+                "fixed_passes": self.fixed_passes, "val_fixed_passes": self.val_fixed_passes,
+                "val_converged_ratio": self.val_converged_ratio, "gate": asdict(self.gate),
+                "seconds": dict(self.seconds)}
+
+    def restore_analysis(self, record: dict) -> None:
+        self.train_analysis = FixedPointAnalysis(**record["train"])
+        self.val_analysis = FixedPointAnalysis(**record["val"])
+        self.fixed_passes, self.val_fixed_passes = record["fixed_passes"], record["val_fixed_passes"]
+        self.val_converged_ratio = record["val_converged_ratio"]
+        self.gate = GateResult(**record["gate"])
+        self.seconds = dict(record["seconds"])
+
+    def stopped_after(self, history: list[EpochRecord], seconds: float, layout: tuple[int, int]) -> TrainResult:
+        """This run as it ends if Phase 2 is stopped from outside (by a search's scheduler) after
+        the epochs of ``history``: with its best epoch's weights and val metrics."""
+        finite = [r for r in history if math.isfinite(r.val_loss) and math.isfinite(r.train_loss)]
+        if not finite:
+            return dataclasses.replace(self, status="diverged")
+        best = min(finite, key=lambda r: r.val_loss)
+        phase2 = Phase2Result(list(history), best.epoch, "scheduler", seconds, *layout)
+        stopped = dataclasses.replace(self, status="passed", phase2=phase2, val_loss=best.val_loss,
+                                      val_acc=best.val_acc, final_analysis=None, final_converged_ratio=None)
+        if not stopped.val_ppl < GATE_PENALTY:
+            stopped.status = "diverged"
+        return stopped
+
+
+@dataclass
+class Resume:
+    """Where a run restored from a search checkpoint picks up: after Phase 1, or, with the
+    analysis and Phase 2's state, after Phase 2's best epoch so far."""
+
+    phase1: Phase1Result
+    analysis: dict | None = None       # TrainResult.analysis_record()
+    phase2: Phase2State | None = None
+
+
+@dataclass
+class EpochReport:
+    """A Phase 2 epoch as a caller sees it: its record; the run as it ends if stopped now
+    (``TrainResult.stopped_after``); and, when the epoch is the best so far (the model holds
+    its weights), the state that resumes Phase 2 after it."""
+
+    record: EpochRecord
+    if_stopped: TrainResult
+    state: Phase2State | None
+
+
+def phase1_record(p1: Phase1Result) -> dict:
+    return {"history": [r.to_dict() for r in p1.history], "stop_reason": p1.stop_reason, "seconds": p1.seconds}
+
+
+def checkpoint_record(result: TrainResult, state: Phase2State | None = None) -> dict:
+    """What a search checkpoint saves beside the weights to resume ``result``'s run: Phase 1's
+    record; after a Phase 2 epoch also the analysis and the Phase 2 state."""
+    record = {"phase1": phase1_record(result.phase1)}
+    if state is not None:
+        record.update(analysis=result.analysis_record(), phase2=state.to_dict())
+    return record
+
+
+def resume_from(record: dict) -> Resume:
+    """The ``Resume`` of a checkpoint record that ``checkpoint_record`` wrote."""
+    p1 = record["phase1"]
+    phase1 = Phase1Result([PassRecord(**r) for r in p1["history"]], p1["stop_reason"], p1["seconds"])
+    if "phase2" not in record:
+        return Resume(phase1)
+    return Resume(phase1, record["analysis"], Phase2State.from_dict(record["phase2"]))
+
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: str = "cpu") -> NewLLM:
     """The run's freshly initialised model; the same seed gives the same weights."""
@@ -133,42 +214,59 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: str = "cpu") -> NewLL
     return NewLLM(cfg.model_config(vocab_size)).to(device)
 
 
-def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, phase1: Phase1Result | None = None,
+def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, resume: Resume | None = None,
           on_pass: Callable[[PassRecord], None] | None = None,
           on_gate: Callable[[TrainResult], None] | None = None,
-          on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Run Phase 1 (unless ``phase1`` says a checkpointed ``model`` already did), the
-    analysis, the gate and Phase 2. ``model`` ends with its final (best) weights."""
+          on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
+    """Run Phase 1, the analysis, the gate and Phase 2, or what is left of them after
+    ``resume`` (``model`` then holds the checkpoint's weights). ``model`` ends with its final
+    (best) weights."""
     device = model.head.weight.device
     train_ids, val_ids = data.train_ids.to(device), data.val_ids.to(device)
-    if phase1 is None:
-        phase1 = train_phase1(model, train_ids, cfg, on_pass=on_pass)
+    phase1 = resume.phase1 if resume is not None else train_phase1(model, train_ids, cfg, on_pass=on_pass)
     result = TrainResult(cfg, "diverged", model.num_params(), phase1)
     if phase1.stop_reason == "diverged":
         return result
 
-    t0 = time.perf_counter()
-    # the train stream starts from Phase 1's last pass (same weights): a pass or two to converge
-    train_fixed = fixed_contexts(model, train_ids, cfg, start=phase1.contexts)
-    phase1.contexts = None  # N x C, needed only as that start: free it before Phase 2
-    val_fixed = fixed_contexts(model, val_ids, cfg)
-    if not (torch.isfinite(train_fixed.contexts).all() and torch.isfinite(val_fixed.contexts).all()):
-        return result
-    result.train_analysis = analyse_fixed_points(train_fixed.contexts, seed=cfg.seed)
-    result.val_analysis = analyse_fixed_points(val_fixed.contexts, seed=cfg.seed)
-    result.fixed_passes, result.val_fixed_passes = train_fixed.passes, val_fixed.passes
-    result.val_converged_ratio = val_fixed.converged_ratio
-    result.gate = gate(result.train_analysis, result.val_analysis, cfg.gate_train_er, cfg.gate_val_er)
-    result.seconds["analysis"] = time.perf_counter() - t0
-    if on_gate is not None:
-        on_gate(result)
+    phase2_state = resume.phase2 if resume is not None else None
+    if phase2_state is not None:
+        # the analysis was of Phase 1's weights, which Phase 2 has moved since: restore it; the
+        # train stream's contexts are only Phase 2's data order here (the state holds the carry)
+        result.restore_analysis(resume.analysis)
+        train_fixed = fixed_contexts(model, train_ids, cfg)
+    else:
+        t0 = time.perf_counter()
+        # the train stream starts from Phase 1's last pass (same weights): a pass or two to converge
+        train_fixed = fixed_contexts(model, train_ids, cfg, start=phase1.contexts)
+        phase1.contexts = None  # N x C, needed only as that start: free it before Phase 2
+        val_fixed = fixed_contexts(model, val_ids, cfg)
+        if not (torch.isfinite(train_fixed.contexts).all() and torch.isfinite(val_fixed.contexts).all()):
+            return result
+        result.train_analysis = analyse_fixed_points(train_fixed.contexts, seed=cfg.seed)
+        result.val_analysis = analyse_fixed_points(val_fixed.contexts, seed=cfg.seed)
+        result.fixed_passes, result.val_fixed_passes = train_fixed.passes, val_fixed.passes
+        result.val_converged_ratio = val_fixed.converged_ratio
+        result.gate = gate(result.train_analysis, result.val_analysis, cfg.gate_train_er, cfg.gate_val_er)
+        result.seconds["analysis"] = time.perf_counter() - t0
+        if on_gate is not None:
+            on_gate(result)
     if not result.gate.passed:
         result.status = "gate_failed"
         return result
     result.status = "passed"
     if cfg.skip_phase2:
         return result
-    result.phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=on_epoch)
+
+    layout = phase2_layout(len(train_fixed.ids), cfg)
+    history = list(phase2_state.history) if phase2_state is not None else []
+    p2_start = time.perf_counter() - (phase2_state.seconds if phase2_state is not None else 0.0)
+
+    def epoch_done(record: EpochRecord, state: Phase2State | None) -> None:
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(EpochReport(record, result.stopped_after(history, time.perf_counter() - p2_start, layout), state))
+
+    result.phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=epoch_done, resume=phase2_state)
     # measured again on the weights the run ends with (and saves): what a user of the model gets
     result.val_loss, result.val_acc = stream_metrics(model, val_ids)
     if not cfg.freeze_context:

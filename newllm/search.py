@@ -19,14 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 
 from newllm import __version__
-from newllm.config import add_data_arguments, data_config_from_args, field_types
-from newllm.data import prepare_data
+from newllm.analyze import write_report
+from newllm.config import add_data_arguments, data_config_from_args, data_flags, field_types
+from newllm.data import DataConfig, prepare_data
 from newllm.run import SUMMARY_DTYPES
-from newllm.space import SearchSpace, builtin_spaces, load_space, resolve_space
+from newllm.space import (
+    SPACE_FILE,
+    SearchSpace,
+    builtin_spaces,
+    load_space,
+    record_space,
+    recorded_space,
+    resolve_space,
+)
 
 PROGRESS_SECONDS = 10.0
+OPTUNA_JOURNAL = "optuna.journal"
+# ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
+# at each rung a trial continues only if its best val perplexity is in the best 1/ASHA_REDUCTION
+# of the trials that reached it
+ASHA_GRACE_EPOCHS = 1
+ASHA_REDUCTION = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m newllm.search",
         description="Ray Tune + Optuna search over New-LLM configurations (Phase 1 CVFP, gate, Phase 2).",
     )
-    p.add_argument("--space", default="laptop",
-                   help=f"search-space YAML, or a built-in space: {', '.join(builtin_spaces())} (default: %(default)s)")
+    p.add_argument("--space", help=f"search-space YAML, or a built-in space: {', '.join(builtin_spaces())} "
+                                   f"(default: laptop; with --resume, the experiment's own)")
     p.add_argument("--num-trials", type=int, help="trials to run (default: the space's num_trials)")
     p.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
     p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (= torch threads) per trial (default: %(default)s)")
@@ -47,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="laptop CPU mode: a local Ray sized to this machine, ignoring RAY_ADDRESS")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the experiment --name after an interruption")
+    p.add_argument("--optuna-storage",
+                   help="the Optuna study's storage: a journal file, or an RDB URL (sqlite:///..., postgresql://...) "
+                        "(default: optuna.journal in the experiment directory; beside the driver when that is on "
+                        "s3:// or gs://)")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="asha: stop a passing trial's Phase 2 when its val perplexity is clearly worse than other "
+                        "trials' at the same epoch; none: every trial runs Phase 2 to its own end (default: %(default)s)")
     add_data_arguments(p, defaults=False)
     return p
 
@@ -118,6 +141,20 @@ def versions() -> dict:
 CONFIG_DTYPES = {int: "int64", float: "float64", bool: "bool", str: "string"}
 
 
+def outcome(result: dict) -> dict | None:
+    """The run summary of a trial that ended with ``result``: its final row, or, if a scheduler
+    stopped it in Phase 2, the summary that row carries for that case (status ``passed``,
+    ``phase2_stop_reason`` "scheduler", its best epoch's val metrics, which its latest
+    checkpoint holds). None for a trial that ended in an error."""
+    if result.get("status") == "error":
+        return None
+    if result.get("phase") == "final":
+        return result
+    if result.get("phase") == "phase2":
+        return result.get("if_stopped")
+    return None
+
+
 @dataclass
 class TrialRow:
     """The trials-table row of a finished trial: id, status, summary, where it ran, full config,
@@ -130,9 +167,10 @@ class TrialRow:
     versions: dict
 
     def __call__(self, trial, result: dict, node_ids: list[str]) -> dict:
-        summary = {k: result.get(k) for k in SUMMARY_DTYPES}
-        summary["status"] = result["status"] if result.get("phase") == "final" or result.get("status") == "error" \
-            else "error"
+        ended = outcome(result)
+        summary = {k: (ended or result).get(k) for k in SUMMARY_DTYPES}
+        if ended is None:
+            summary["status"] = "error"
         checkpoint = trial.checkpoint
         where = {"trial_seconds": result.get("time_total_s"), "node_id": result.get("node_id"),
                  "hostname": result.get("hostname"), "node_ids": ",".join(node_ids), "attempts": len(node_ids),
@@ -155,6 +193,7 @@ class Progress(Callback):
         self.start, self.last_print = time.monotonic(), 0.0
         self.latest: dict[str, dict] = {}
         self.finished: dict[str, str] = {}
+        self.stopped: set[str] = set()  # passed trials whose Phase 2 ASHA stopped
         self.best: tuple[float, str] | None = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -163,10 +202,12 @@ class Progress(Callback):
             self.print_line()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        self.finished[trial.trial_id] = result.get("status", "?")
+        result = outcome(trial.last_result or {}) or {"status": "error"}
+        self.finished[trial.trial_id] = result["status"]
+        if result.get("phase2_stop_reason") == "scheduler":
+            self.stopped.add(trial.trial_id)
         self.latest.pop(trial.trial_id, None)
-        if result.get("status") == "passed" and (self.best is None or result["objective"] < self.best[0]):
+        if result["status"] == "passed" and (self.best is None or result["objective"] < self.best[0]):
             self.best = (result["objective"], trial.trial_id)
         self.print_line()
 
@@ -181,6 +222,8 @@ class Progress(Callback):
         for s in self.finished.values():
             counts[s] = counts.get(s, 0) + 1
         done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        if self.stopped:
+            done += f"; Phase 2 of {len(self.stopped)} stopped early by ASHA"
         best = f"best val_ppl {self.best[0]:.2f} ({self.best[1]})" if self.best else "no passed trial yet"
         print(f"[{time.monotonic() - self.start:6.0f}s] {len(self.finished)}/{self.total} finished"
               f"{' (' + done + ')' if done else ''} | {best}", flush=True)
@@ -208,7 +251,8 @@ def print_summary(directory: str, space: SearchSpace) -> None:
 
     trials, _ = load(directory)
     searched = list(space.params)
-    cols = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction", "val_ppl", "objective"]
+    cols = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction", "phase2_epochs_run",
+            "val_ppl", "objective"]
     table = trials.sort_values("objective")[[c for c in cols if c in trials]]
     with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
         print("\n" + table.to_string(index=False))
@@ -220,6 +264,10 @@ def print_summary(directory: str, space: SearchSpace) -> None:
         print(f"Best trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
               f"{int(best.num_params):,} parameters")
         print("Best configuration: " + ", ".join(f"{k}={_fmt(best[k])}" for k in searched))
+        stopped = passed[passed.phase2_stop_reason == "scheduler"]
+        if len(stopped):
+            print(f"ASHA stopped Phase 2 of {len(stopped)} passed trials early, after {int(stopped.phase2_epochs_run.sum())} "
+                  f"epochs in all; their val_ppl is their best epoch's, which their checkpoints hold")
         mean_p2 = passed.phase2_seconds.mean()
         if len(failed):
             print(f"The gate skipped Phase 2 for {len(failed)} trials: about {len(failed) * mean_p2:.0f}s of Phase 2 "
@@ -237,12 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        space = load_space(resolve_space(args.space))
-        data_cfg = data_config_from_args(args, base=space.data)
-        if "seed" not in space.params and "seed" not in space.fixed:
-            space = dataclasses.replace(space, fixed={**space.fixed, "seed": args.seed})
-        args.name = args.name or f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        import ray
+        args.name = args.name or f"{Path(resolve_space(args.space or 'laptop')).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         from ray import tune
 
         exp_dir = experiment_dir(args)
@@ -251,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--resume: no experiment to continue at {exp_dir}")
         if not args.resume and (exists or ("://" not in exp_dir and Path(exp_dir).exists())):
             raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
+        space = recorded_space(exp_dir) if args.resume else None
+        given = ["--space"] * (args.space is not None) + data_flags_given(args)
+        if space is None:  # a new search (or one of an earlier newllm, which recorded no space)
+            space = space_from_args(args)
+        elif given and (diff := space_differences(space, space_from_args(args))):
+            raise ValueError(f"--resume continues with {exp_dir}/{SPACE_FILE}, the space this experiment recorded, "
+                             f"but {', '.join(given)} give another ({', '.join(diff)} differ): drop them")
+        data_cfg = DataConfig(**space.data)
+        storage = optuna_storage(args, exp_dir)
+        if not args.resume and study_exists(storage, args.name):
+            raise ValueError(f"the Optuna storage {storage} already holds a study named {args.name!r}: choose "
+                             f"another --name, or another --optuna-storage")
         data = prepare_data(data_cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -262,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Data: {data_cfg.source}, {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, "
           f"vocab {data.vocab_size}")
 
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # two checkpoints per trial (after Phase 1, at the end) trip Tune's snapshot-rate warning
+    # checkpoints after Phase 1 and at improving Phase 2 epochs trip Tune's snapshot-rate warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.local:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -279,20 +336,146 @@ def main(argv: list[str] | None = None) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = args.concurrency or max(1, cpus // args.cpus_per_trial)
     print(f"Ray: {cpus} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; {concurrency} trials at once, "
-          f"{args.cpus_per_trial} CPU(s) and {args.gpus_per_trial:g} GPU(s) each\nExperiment: {exp_dir}\n", flush=True)
+          f"{args.cpus_per_trial} CPU(s) and {args.gpus_per_trial:g} GPU(s) each\nExperiment: {exp_dir}")
+    print(f"Optuna study '{args.name}' in {storage}: watch it with optuna-dashboard {storage}\n", flush=True)
 
-    run_search(args, space, data, num_trials, concurrency, exp_dir)
+    if not args.resume:
+        record_space(exp_dir, space)
+    run_search(args, space, data, num_trials, concurrency, exp_dir, storage=storage)
     print_summary(exp_dir, space)
+    print(f"Report: {write_report(exp_dir, distributions=space.params)}")
     return 0
 
 
+def space_from_args(args: argparse.Namespace) -> SearchSpace:
+    """The space a new search runs: --space (default laptop) with the command line's data options
+    over its data section, and --seed for its trials unless the space sets or searches it."""
+    space = load_space(resolve_space(args.space or "laptop"))
+    data_cfg = data_config_from_args(args, base=space.data).to_dict()
+    space = dataclasses.replace(space, data={k: v for k, v in data_cfg.items() if k != "cache_dir"})
+    if "seed" not in space.params and "seed" not in space.fixed:
+        space = dataclasses.replace(space, fixed={**space.fixed, "seed": args.seed})
+    return space
+
+
+def space_differences(a: SearchSpace, b: SearchSpace) -> list[str]:
+    """The sections (params.x, fixed.x, data.x, objectives) in which two spaces differ."""
+    diff = [] if a.objectives == b.objectives else ["objectives"]
+    for section in ("params", "fixed", "data"):
+        x, y = getattr(a, section), getattr(b, section)
+        diff += [f"{section}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
+    return diff
+
+
+def data_flags_given(args: argparse.Namespace) -> list[str]:
+    """The data options given on the command line (their defaults are None)."""
+    return [flag for name, flag in data_flags().items() if getattr(args, name) is not None]
+
+
+def optuna_storage(args: argparse.Namespace, exp_dir: str) -> str:
+    """Where the Optuna study lives: --optuna-storage, else a journal in the experiment directory,
+    else (an experiment on object storage, where a file cannot be appended) beside the driver."""
+    if args.optuna_storage:
+        return args.optuna_storage
+    if "://" in exp_dir:
+        return str(Path(f"{args.name}.optuna.journal").resolve())
+    return f"{exp_dir}/{OPTUNA_JOURNAL}"
+
+
+def open_storage(storage: str):
+    """The Optuna storage object of ``optuna_storage``'s answer: an RDB URL or a journal file."""
+    import optuna
+
+    if "://" in storage:
+        return optuna.storages.get_storage(storage)
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(storage).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+
+
+def study_exists(storage: str, name: str) -> bool:
+    if "://" not in storage and not Path(storage).exists():
+        return False
+    import optuna
+
+    return any(s.study_name == name for s in optuna.study.get_all_study_summaries(open_storage(storage)))
+
+
+def fail_left_running(storage, name: str) -> None:
+    """Mark FAIL the trials of study ``name`` that a killed driver left RUNNING, so that the
+    sampler stops treating them as pending. The Tune trials behind them run on after the resume,
+    and StudySearch gives Optuna their results then."""
+    import optuna
+
+    for trial in optuna.load_study(study_name=name, storage=storage).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch whose study lives in a storage that outlives the driver. At a resume the study
+    may be ahead of the searcher's saved state: a trial that ``fail_left_running`` marked FAIL
+    gets no more intermediate values, and its result, when it finishes, is added as a new
+    finished trial with the same parameters; one that Optuna already has finished is not told
+    twice."""
+
+    def _finished_in_study(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        return ot_trial is not None and trial_id not in self._completed_trials and \
+            self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._finished_in_study(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        if not self._finished_in_study(trial_id):
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        failed = self._ot_study._storage.get_trial(ot_trial._trial_id).state == optuna.trial.TrialState.FAIL
+        if failed and result and not error:
+            values = [result.get(m) for m in self.metric] if isinstance(self.metric, list) \
+                else [result.get(self.metric)]
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=ot_trial.params, distributions=ot_trial.distributions, values=values))
+        self._completed_trials.add(trial_id)
+
+
+def max_phase2_epochs(space: SearchSpace) -> int:
+    """The most Phase 2 epochs a trial of ``space`` can run."""
+    import optuna.distributions as od
+
+    d = space.params.get("phase2_epochs")
+    if d is None:
+        return space.trial_config({}).phase2_epochs
+    return max(d.choices) if isinstance(d, od.CategoricalDistribution) else int(d.high)
+
+
+def scheduler(name: str, space: SearchSpace):
+    """The trial scheduler of ``--scheduler``: ASHA over Phase 2 epochs, or None (FIFO). Its time
+    is ``phase2_epoch``, which only Phase 2 rows carry, so Phase 1 passes and the analysis are
+    never rungs and a gate-failed trial is never stopped by it. Its metric ``objective`` is a
+    trial's best val perplexity so far. A trial that reaches its last epoch is never cut
+    (``stop_last_trials=False``): it ends with its own final row."""
+    if name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = max(max_phase2_epochs(space), ASHA_GRACE_EPOCHS)
+    return ASHAScheduler(time_attr="phase2_epoch", metric="objective", mode="min", max_t=max_t,
+                         grace_period=ASHA_GRACE_EPOCHS, reduction_factor=ASHA_REDUCTION, stop_last_trials=False)
+
+
 def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int, exp_dir: str,
-               points: list[dict] | None = None) -> None:
+               points: list[dict] | None = None, storage: str | None = None) -> None:
     """Run the search's trials; ``points``: configurations to try first, in order (benchmarks
-    give the same ones to every side)."""
+    give the same ones to every side); ``storage``: the Optuna study's (``optuna_storage``),
+    in memory if None."""
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from newllm.results import ParquetResults
     from newllm.trainable import run_trial
@@ -301,28 +484,59 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, data=data),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if args.resume:
+        if storage is not None:
+            fail_left_running(open_storage(storage), args.name)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
         metrics = space.metrics
         sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True)
-        searcher = OptunaSearch(space=space.params, metric=metrics if len(metrics) > 1 else metrics[0],
-                                mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler,
-                                points_to_evaluate=points)
+        searcher = StudySearch(space=space.params, metric=metrics if len(metrics) > 1 else metrics[0],
+                               mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler,
+                               points_to_evaluate=points, study_name=args.name,
+                               storage=None if storage is None else open_storage(storage))
         callbacks = [ParquetResults(exp_dir, TrialRow(space, versions()), TrialRow.dtypes()), Progress(num_trials)]
         tuner = tune.Tuner(
             trainable,
             # a finished trial's actor (its process, torch imported) runs the next trial; run_trial
             # sets everything per trial (threads, seeds), so nothing carries over
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_trials,
-                                        max_concurrent_trials=concurrency, reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler(args.scheduler, space),
+                                        num_samples=num_trials, max_concurrent_trials=concurrency,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=args.name, storage_path=storage_root(args.storage_path),
                                       callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      # both kept (after Phase 1, final): Phase 1's weights stay
-                                      # comparable with the final ones
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                      # every checkpoint stays while the search runs: a driver killed
+                                      # and resumed goes back to its last snapshot of Tune's state, which
+                                      # may name any of them (prune_checkpoints thins them at the end)
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
         )
     tuner.fit()
+    prune_checkpoints(exp_dir)
+
+
+def prune_checkpoints(exp_dir: str) -> int:
+    """Delete the checkpoints of finished trials except their first (after Phase 1) and their
+    latest (the trials table's ``checkpoint_path``); return how many. Unfinished trials (an
+    interrupted search) keep all theirs, one of which a resume will start from."""
+    import pyarrow.fs
+
+    from newllm.results import filesystem, load
+
+    try:
+        trials, _ = load(exp_dir)
+    except FileNotFoundError:
+        return 0
+    deleted = 0
+    for path in trials.checkpoint_path.dropna():
+        fs, latest = filesystem(path)
+        parent = latest.rsplit("/", 1)[0]
+        checkpoints = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+                             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        for c in checkpoints[1:]:
+            if c != latest:
+                fs.delete_dir(c)
+                deleted += 1
+    return deleted
 
 
 if __name__ == "__main__":

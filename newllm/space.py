@@ -24,6 +24,7 @@ dimension combination the model rejects fails up front.
 from __future__ import annotations
 
 import itertools
+import json
 import typing
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -43,6 +44,10 @@ DATA_KEYS = {f.name for f in fields(DataConfig)} - {"cache_dir"}
 MAX_CORNERS = 4096
 # the top-level search_spaces/ directory, installed as this package (see pyproject.toml)
 BUILTIN_SPACES = "newllm.search_spaces"
+# what an experiment directory keeps of its space: the space as loaded (after the command line's
+# seed and data options), and its searched distributions in Optuna's JSON form
+SPACE_FILE = "space.yaml"
+DISTRIBUTIONS_FILE = "distributions.json"
 
 
 class SpaceError(ValueError):
@@ -70,6 +75,12 @@ class SearchSpace:
     def metrics(self) -> list[str]:
         """Names of the reported metrics that Optuna minimises."""
         return [OBJECTIVES[o] for o in self.objectives]
+
+    def to_yaml(self) -> str:
+        """This space as a space file: ``parse_space`` of it gives the same space back."""
+        return yaml.safe_dump({"num_trials": self.num_trials, "objectives": self.objectives,
+                               "params": {name: _spec(d) for name, d in self.params.items()},
+                               "fixed": self.fixed, "data": self.data}, sort_keys=False, default_flow_style=None)
 
 
 def builtin_spaces() -> list[str]:
@@ -146,6 +157,18 @@ def _distribution(name: str, spec, kind: type, where: str) -> od.BaseDistributio
     return od.FloatDistribution(float(low), float(high), log=log, step=step)
 
 
+def _spec(d: od.BaseDistribution) -> dict:
+    """The schema's mapping for an Optuna distribution (the inverse of ``_distribution``)."""
+    if isinstance(d, od.CategoricalDistribution):
+        return {"type": "categorical", "choices": list(d.choices)}
+    spec = {"type": "int" if isinstance(d, od.IntDistribution) else "float", "low": d.low, "high": d.high}
+    if d.log:
+        spec["log"] = True
+    elif d.step not in (None, 1) or (isinstance(d, od.FloatDistribution) and d.step is not None):
+        spec["step"] = d.step
+    return spec
+
+
 def _ends(d: od.BaseDistribution) -> list:
     if isinstance(d, od.CategoricalDistribution):
         return list(d.choices)
@@ -160,11 +183,18 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(f"search space {where!r} {'is a directory' if p.is_dir() else 'does not exist'}: give a "
                          f"YAML file or a built-in space ({', '.join(builtin_spaces())}; files in search_spaces/)")
     try:
-        raw = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
+        text = p.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise SpaceError(f"{where}: cannot read: {e.strerror}") from e
     except UnicodeDecodeError as e:
         raise SpaceError(f"{where}: not a YAML text file: not UTF-8 ({e.reason} at byte {e.start})") from e
+    return parse_space(text, where)
+
+
+def parse_space(text: str, where: str) -> SearchSpace:
+    """Validate the search space in YAML ``text``, read from ``where`` (named in errors)."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpaceError(f"{where}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(raw, dict):
@@ -226,3 +256,32 @@ def load_space(path: str | Path) -> SearchSpace:
         except (TypeError, ValueError) as e:
             raise SpaceError(f"{where}: the trial {sampled} would be invalid: {e}") from e
     return space
+
+
+def record_space(experiment: str, space: SearchSpace) -> None:
+    """Keep ``space`` in the experiment directory, so that ``--resume`` and the analysis never
+    depend on the space file's current copy."""
+    from newllm.results import write_file
+
+    header = f"# the search space of this experiment, as loaded from {space.path}\n"
+    write_file(f"{experiment}/{SPACE_FILE}", (header + space.to_yaml()).encode())
+    distributions = {name: json.loads(od.distribution_to_json(d)) for name, d in space.params.items()}
+    write_file(f"{experiment}/{DISTRIBUTIONS_FILE}", json.dumps(distributions, indent=1).encode())
+
+
+def recorded_space(experiment: str) -> SearchSpace | None:
+    """The space kept in the experiment directory; None for an experiment of an earlier newllm."""
+    from newllm.results import read_file
+
+    text = read_file(f"{experiment}/{SPACE_FILE}")
+    return None if text is None else parse_space(text.decode(), f"{experiment}/{SPACE_FILE}")
+
+
+def recorded_distributions(experiment: str) -> dict[str, od.BaseDistribution] | None:
+    """The searched distributions kept in the experiment directory, None if it has none."""
+    from newllm.results import read_file
+
+    data = read_file(f"{experiment}/{DISTRIBUTIONS_FILE}")
+    if data is None:
+        return None
+    return {name: od.json_to_distribution(json.dumps(d)) for name, d in json.loads(data).items()}

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     report.print_phase1_header()
     model = build_model(cfg, data.vocab_size, args.device)
     result = train(cfg, data, model, on_pass=report.print_pass, on_gate=report.print_gate,
-                   on_epoch=report.print_epoch)
+                   on_epoch=lambda epoch: report.print_epoch(epoch.record))
     report.print_result(result)
     summary = {"config": cfg.to_dict(), "data": {**data_cfg.to_dict(), **data.summary()},
                **result.summary(), "phase1_history": [r.to_dict() for r in result.phase1.history],

@@ -6,7 +6,10 @@ Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` a
 - ``phase1``, step = pass: cvfp/dist loss, converged ratio, train effective rank, lr, seconds;
 - ``analysis``, step 0: fixed-point analysis of train and val contexts and the gate verdict,
   with a checkpoint (weights after Phase 1 and its history);
-- ``phase2``, step = epoch: train/val loss, val perplexity and accuracy;
+- ``phase2``, step = ``phase2_epoch`` = epoch: train/val loss, val perplexity and accuracy, and
+  ``if_stopped``, the run's summary if a scheduler stopped it here; with a checkpoint at each
+  epoch that improves on every earlier one (its weights, then the best, and the state that
+  resumes Phase 2 after it). ``phase2_epoch`` is a scheduler's time: no other row has it;
 - ``final``, step 0: the run's summary and ``status``, with the final checkpoint.
 
 Every row's ``objective`` comes from ``newllm.run.objective``: until a Phase 2 result exists
@@ -15,8 +18,8 @@ val perplexity so far. Every row also carries ``node_id`` (the Ray node that ran
 ``hostname``) and ``phase1_restored``.
 
 A retried trial (its node was lost) or a resumed one (the driver was restarted) starts from its
-latest checkpoint: from the Phase 1 checkpoint it skips Phase 1 (``phase1_restored`` True); from
-the final checkpoint it only reports the saved summary again.
+latest checkpoint: from the Phase 1 checkpoint it skips Phase 1 (``phase1_restored`` True), from
+a Phase 2 one it continues after that epoch, from the final one it reports the saved summary again.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ from ray import tune
 
 from newllm.checkpoint import load_model, save_model
 from newllm.data import TokenData
-from newllm.phase1 import PassRecord, Phase1Result
-from newllm.phase2 import EpochRecord
-from newllm.run import TrainResult, build_model, objective, train
+from newllm.phase1 import PassRecord
+from newllm.run import EpochReport, TrainResult, build_model, checkpoint_record, objective, resume_from, train
 from newllm.space import SearchSpace
 
 Phase = Literal["phase1", "analysis", "phase2", "final"]
@@ -52,7 +54,7 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
     torch.set_num_threads(threads)
     model = build_model(cfg, data.vocab_size, device)
     num_params = model.num_params()
-    phase1, record = None, None
+    record = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -67,34 +69,36 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
         where["phase1_restored"] = record["phase1_restored"]
         report("final", 0, {"threads": threads, "device": device, **record["summary"]})
         return
-    if record is not None:
-        history = [PassRecord(**r) for r in record["phase1"]["history"]]
-        phase1 = Phase1Result(history, record["phase1"]["stop_reason"], record["phase1"]["seconds"])
 
     def on_pass(r: PassRecord) -> None:
         report("phase1", r.pass_index, {**r.to_dict(),
                "objective": objective("gate_failed", train_er_fraction=r.effective_rank_fraction)})
 
     def on_gate(result: TrainResult) -> None:
-        p1 = result.phase1
         row = {**result.summary(), "objective": objective(
             "gate_failed", train_er_fraction=result.train_analysis.effective_rank_fraction)}
         if where["phase1_restored"]:  # its checkpoint holds these weights already
             report("analysis", 0, row)
             return
         with tempfile.TemporaryDirectory() as d:
-            save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(),
-                       phase1={"history": [r.to_dict() for r in p1.history],
-                               "stop_reason": p1.stop_reason, "seconds": p1.seconds})
+            save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), **checkpoint_record(result))
             report("analysis", 0, row, d)
 
-    best = [float("inf")]
+    def on_epoch(epoch: EpochReport) -> None:
+        stopped = epoch.if_stopped
+        row = {**epoch.record.to_dict(), "phase2_epoch": epoch.record.epoch, "objective": stopped.objective,
+               "if_stopped": stopped.summary()}
+        if epoch.state is None:
+            report("phase2", epoch.record.epoch, row)
+            return
+        # the best epoch so far: its weights are what a scheduler's stop leaves this trial with
+        with tempfile.TemporaryDirectory() as d:
+            save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(),
+                       **checkpoint_record(stopped, epoch.state))
+            report("phase2", epoch.record.epoch, row, d)
 
-    def on_epoch(r: EpochRecord) -> None:
-        best[0] = min(best[0], r.val_ppl)
-        report("phase2", r.epoch, {**r.to_dict(), "objective": objective("passed", val_ppl=best[0])})
-
-    result = train(cfg, data, model, phase1=phase1, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch)
+    resume = resume_from(record) if record is not None else None
+    result = train(cfg, data, model, resume=resume, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch)
     with tempfile.TemporaryDirectory() as d:
         save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary(),
                    phase1_restored=where["phase1_restored"])

@@ -16,11 +16,6 @@ from newllm.phase2 import stream_metrics
 from newllm.space import load_space
 
 
-def trial_checkpoints(checkpoint_path: str) -> list[Path]:
-    """The trial's checkpoints in order: after Phase 1 (the analysis row), then the final one."""
-    return sorted(Path(checkpoint_path).parent.glob("checkpoint_*"))
-
-
 @pytest.mark.slow
 def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_path):
     trials, iterations = results.load(tiny_search.directory)
@@ -28,13 +23,13 @@ def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_p
     assert len(passed) >= 2 and (passed.phase2_lr >= 1e-3).all() and not passed.freeze_context.any()
     val_ids = tiny_search.data.val_ids
     for row in passed.itertuples():
-        phase1_checkpoint, final_checkpoint = trial_checkpoints(row.checkpoint_path)
-        assert final_checkpoint == Path(row.checkpoint_path)
-        after_phase1, _ = load_model(phase1_checkpoint)
-        model, _ = load_model(final_checkpoint)
+        # when the search ends a trial keeps its first checkpoint (after Phase 1) and its latest
+        after_phase1, latest = sorted(Path(row.checkpoint_path).parent.glob("checkpoint_*"))
+        assert latest == Path(row.checkpoint_path)
+        model, _ = load_model(latest)
         # Phase 2 trained the context layers themselves, not only the head
         moved = [k for k, v in model.state_dict().items()
-                 if k.startswith("blocks.") and not torch.equal(v, after_phase1.state_dict()[k])]
+                 if k.startswith("blocks.") and not torch.equal(v, load_model(after_phase1)[0].state_dict()[k])]
         assert moved, f"trial {row.trial_id}: Phase 2 left every context layer unchanged"
         real = math.exp(stream_metrics(model, val_ids)[0])
         assert real == pytest.approx(row.val_ppl, rel=1e-2)
@@ -42,7 +37,8 @@ def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_p
         # the best Phase 2 epoch reported during the search is the same number
         epochs = iterations[(iterations.trial_id == row.trial_id) & (iterations.phase == "phase2")]
         assert epochs.val_ppl.min() == pytest.approx(row.val_ppl, rel=1e-6)
-        assert 0 <= row.final_effective_rank_fraction <= 1 and 0 <= row.final_converged_ratio <= 1
+        if row.phase2_stop_reason != "scheduler":  # a stopped trial never reached its final analysis
+            assert 0 <= row.final_effective_rank_fraction <= 1 and 0 <= row.final_converged_ratio <= 1
 
 
 @pytest.mark.slow

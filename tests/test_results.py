@@ -139,7 +139,7 @@ def test_a_search_resumed_after_compaction_compacts_again_into_one_file(tmp_path
     run_trial(cb, "late")
     trials, iterations = results.load(tmp_path)
     assert list(trials.trial_id) == ["t0", "t1", "late"]
-    cb.on_experiment_end([])
+    cb.on_experiment_end([make_trial(t) for t in ("t0", "t1", "running", "late")])
     assert part_names(tmp_path / results.TRIALS_FILE) == ["part-000001-000003.parquet"]
     assert len(part_names(tmp_path / results.ITERATIONS_FILE)) == 1
     pd.testing.assert_frame_equal(results.load(tmp_path)[0], trials)
@@ -240,7 +240,7 @@ def test_a_resumed_writer_continues_attempts_and_never_rewrites_a_landed_trial(t
     # Tune reruns the finished trial its saved state missed: nothing of it is written again
     report(second, done, "final", 0, 1, "node-c", status="passed")
     second.on_trial_complete(0, [], done)
-    second.on_experiment_end([])
+    second.on_experiment_end([running, done])
 
     trials, iterations = results.load(tmp_path)
     assert sorted(trials.trial_id) == ["done", "running"]
@@ -250,6 +250,20 @@ def test_a_resumed_writer_continues_attempts_and_never_rewrites_a_landed_trial(t
         (1, "phase1", "node-a"), (1, "analysis", "node-a"), (2, "phase2", "node-b"), (2, "final", "node-b")]
     assert "node-c" not in set(iterations.node_id)
     assert not iterations.duplicated(results.ITERATION_KEY).any()
+
+
+def test_rows_of_a_trial_the_resumed_search_does_not_know_are_dropped_at_the_end(tmp_path, capsys):
+    first = writer(tmp_path)
+    run_trial(first, "kept")
+    ghost = make_trial("ghost")  # started after Tune's last snapshot; the driver dies
+    report(first, ghost, "phase1", 0, 1, "node-a", should_checkpoint=True)
+    second = writer(tmp_path)  # the resumed search runs a new trial in its place
+    run_trial(second, "new")
+    second.on_experiment_end([make_trial("kept"), make_trial("new")])
+    trials, iterations = results.load(tmp_path)
+    assert set(iterations.trial_id) == set(trials.trial_id) == {"kept", "new"}
+    assert len(part_names(tmp_path / results.ITERATIONS_FILE)) == 1
+    assert "Dropped 1 iteration rows" in capsys.readouterr().out
 
 
 def test_an_errored_trial_lands_with_status_error(tmp_path):

@@ -51,6 +51,7 @@ def test_small_search_writes_one_typed_row_per_trial(tiny_search):
     assert (trials.loc[~passed, "objective"] >= 1e6).all()
     assert {"torch_version", "ray_version", "optuna_version", "newllm_version", "phase1_seconds"} <= set(trials)
     assert trials.checkpoint_path.map(lambda p: (Path(p) / "model.pt").is_file()).all()
+    assert (tiny_search.directory / "report.html").is_file()  # the search ends with its report
     # every reported row, with its phase; Phase 2 rows exactly for passed trials
     assert set(iterations.trial_id) == set(trials.trial_id)
     assert {"phase1", "analysis", "final"} <= set(iterations.phase)
@@ -179,3 +180,68 @@ data:
   num_samples: 6
   vocab_size: 300
 """
+
+
+@pytest.mark.slow
+def test_the_experiment_keeps_its_space_and_resume_needs_no_space_file(tmp_path, tiny_space, capsys):
+    from newllm.space import load_space, recorded_distributions, recorded_space
+
+    space_file = Path(tiny_space())
+    trials, _ = run_search(tmp_path, str(space_file), "kept", "--num-trials", "1", "--seed", "3")
+    exp = str(tmp_path / "res" / "kept")
+    kept, original = recorded_space(exp), load_space(space_file)
+    assert kept.params == original.params == recorded_distributions(exp)
+    assert kept.fixed == {**original.fixed, "seed": 3} and kept.num_trials == original.num_trials
+    assert kept.data["num_samples"] == original.data["num_samples"] and kept.data["source"] == "builtin"
+    assert (tmp_path / "res" / "kept" / "report.html").is_file()
+    space_file.unlink()  # the checkout's copy is gone or changed: the experiment does not need it
+    args = ["--local", "--name", "kept", "--storage-path", str(tmp_path / "res"), "--resume"]
+    assert search.main(args + ["--space", "laptop"]) == 2
+    err = capsys.readouterr().err
+    assert "--space give another" in err and "params.architecture" in err and "fixed.seed" in err
+    assert search.main(args) == 0
+    ray.shutdown()
+    assert len(results.load(exp)[0]) == 1
+
+
+@pytest.mark.slow
+def test_the_optuna_study_is_live_during_the_search_and_complete_after(tmp_path, tiny_space):
+    import optuna
+
+    journal = tmp_path / "res" / "live" / search.OPTUNA_JOURNAL
+    args = [sys.executable, "-m", "newllm.search", "--local", "--space", tiny_space(), "--name", "live",
+            "--storage-path", str(tmp_path / "res"), "--concurrency", "1"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen_running = None
+    for line in driver.stdout:  # as optuna-dashboard would, while the driver runs
+        if "1/3 finished" in line and seen_running is None:
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+            seen_running = [t.state for t in optuna.load_study(study_name="live", storage=storage).trials]
+            assert driver.poll() is None
+    assert driver.wait(timeout=300) == 0
+    assert optuna.trial.TrialState.COMPLETE in seen_running
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="live", storage=storage)
+    trials, _ = results.load(tmp_path / "res" / "live")
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_a_study_name_already_in_the_optuna_storage_is_refused(tmp_path, capsys):
+    import optuna
+
+    journal = str(tmp_path / "shared.journal")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    optuna.create_study(study_name="taken", storage=storage)
+    code = search.main(["--name", "taken", "--optuna-storage", journal, "--storage-path", str(tmp_path / "res")])
+    assert code == 2 and "already holds a study named 'taken'" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+
+
+def test_an_experiment_on_object_storage_keeps_its_study_beside_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = search.parse_args(["--name", "n", "--storage-path", "s3://bucket/newllm"])
+    assert search.optuna_storage(args, search.experiment_dir(args)) == str(tmp_path / "n.optuna.journal")
+    args = search.parse_args(["--name", "n", "--storage-path", str(tmp_path)])
+    assert search.optuna_storage(args, search.experiment_dir(args)) == f"{tmp_path}/n/{search.OPTUNA_JOURNAL}"

@@ -1,0 +1,282 @@
+"""``python -m newllm.analyze <experiment dir>``: what a search found, as one HTML report.
+
+Reads the experiment's ``trials.parquet`` and ``iterations.parquet`` (``newllm.results.load``),
+finished or still running (what has landed so far), and writes ``report.html`` (to ``--out``,
+by default the experiment directory): the figures of ``newllm.figures``, each with a caption,
+and the top trials with their configurations. The file is self-contained: plotly.js is
+embedded once, so it opens offline and can be mailed. It prints a short summary and the
+report's path. A directory that holds no results is a one-line ``error:`` and exit code 2.
+
+``write_report(directory)`` does the same from Python (a search calls it when it ends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna.distributions as od
+import optuna.visualization
+import pandas as pd
+import plotly.graph_objects as go
+import pyarrow as pa
+from plotly.offline import get_plotlyjs
+
+from newllm import figures
+from newllm.results import load
+from newllm.space import recorded_distributions
+
+REPORT_FILE = "report.html"
+
+
+class ExperimentError(ValueError):
+    """A directory whose results cannot be reported; the message says why in one line."""
+
+
+@dataclass
+class Section:
+    """A titled part of the report: a figure, or HTML (a table, or a note saying what is missing)."""
+
+    title: str
+    caption: str
+    figure: go.Figure | None = None
+    body: str = ""
+
+
+@dataclass
+class Report:
+    name: str
+    directory: str
+    summary: list[str]
+    sections: list[Section] = field(default_factory=list)
+
+
+def read_experiment(directory: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, iterations) of the experiment, or ExperimentError naming what is wrong."""
+    d = str(directory)
+    if "://" not in d and not Path(d).is_dir():
+        raise ExperimentError(f"{d!r} is not a directory")
+    try:
+        trials, iterations = load(d)
+    except FileNotFoundError as e:
+        raise ExperimentError(str(e)) from e
+    except (OSError, pa.ArrowException) as e:
+        raise ExperimentError(f"cannot read the results in {d!r}: {str(e).splitlines()[0]}") from e
+    if trials.empty and iterations.empty:
+        raise ExperimentError(f"{d!r} holds no trial or iteration rows yet: nothing to report")
+    return trials, iterations
+
+
+# --- what the report says ----------------------------------------------------------------
+
+
+def summary(trials: pd.DataFrame, iterations: pd.DataFrame,
+            distributions: dict[str, od.BaseDistribution]) -> list[str]:
+    """A few lines: trials by status, the best trial and configuration, the gate's saving."""
+    reported = set(iterations["trial_id"]) if "trial_id" in iterations else set()
+    finished = set(trials["trial_id"]) if len(trials) else set()
+    lines = []
+    if trials.empty:
+        lines.append("No trial has finished yet.")
+    else:
+        counts = trials["status"].fillna("error").value_counts()
+        lines.append(f"{len(trials)} trials finished: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if reported - finished:
+        lines.append(f"{len(reported - finished)} more trials have reported rows but no result (running, or the "
+                     f"search stopped).")
+    if trials.empty:
+        return lines
+    passed = trials[figures.status_is(trials, "passed")]
+    if len(passed):
+        best = passed.sort_values("objective").iloc[0]
+        lines.append(f"Best trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
+                     f"{int(best.num_params):,} parameters; " +
+                     ", ".join(f"{k}={figures.fmt(best[k])}" for k in distributions))
+    else:
+        lines.append("No trial passed: no best configuration.")
+    lines.append(saving(trials))
+    return lines
+
+
+def saving(trials: pd.DataFrame) -> str:
+    """What the gate saved, as print_summary estimates it."""
+    failed, mean_p2, saved = figures.gate_saving(trials)
+    if not failed:
+        return "The gate skipped no Phase 2."
+    if math.isnan(saved):
+        return f"The gate skipped Phase 2 for {failed} trials (no passed trial to estimate the time saved)."
+    return (f"The gate skipped Phase 2 for {failed} trials: about {saved:.0f}s of Phase 2 compute saved "
+            f"({failed} x {mean_p2:.1f}s, the mean Phase 2 time of passed trials).")
+
+
+def sections(trials: pd.DataFrame, iterations: pd.DataFrame,
+             distributions: dict[str, od.BaseDistribution]) -> list[Section]:
+    """Every part of the report, in reading order; a part the data cannot support yet says so."""
+    curves = [phase1_section(trials, iterations), phase2_section(trials, iterations)]
+    if trials.empty:
+        return [Section("Trials", "", body=_note("No trial has finished yet: the figures below come from the rows "
+                                                 "the running trials have reported.")), *curves]
+    parts = [history_section(trials), importance_section(trials, distributions)]
+    if figures.status_is(trials, "passed").any():
+        if distributions:
+            parts.append(slice_section(trials, distributions))
+        parts.append(Section("Perplexity against size", "Val perplexity against parameter count of the passed "
+                             "trials; the Pareto front (no other trial is both smaller and better) is joined.",
+                             figures.pareto_figure(trials)))
+    parts.append(Section("Gate map", "Per bin of each searched parameter: the share of trials whose Phase 1 passed "
+                         "the gate (bars, passed/trials) and their mean train and val effective-rank fractions; "
+                         "dashed and dotted lines: the gate's train and val thresholds.",
+                         figures.gate_map_figure(trials, distributions))
+                 if distributions else Section("Gate map", "", body=_note(NO_PARAMS)))
+    return [*parts, *curves, Section("Time per phase", "Seconds of Phase 1, fixed-point analysis and Phase 2 per "
+                                     "trial. " + saving(trials), figures.time_figure(trials)),
+            top_section(trials, distributions)]
+
+
+NO_PARAMS = "No searched parameter varies across the trials, so there is nothing to compare."
+
+
+def history_section(trials: pd.DataFrame) -> Section:
+    return Section("Optimisation history", "Val perplexity of each passed trial in the order trials finished, and "
+                   "the best so far; gate-failed, diverged and errored trials (penalised objective, no perplexity) "
+                   "in the lower panel.", figures.history_figure(trials))
+
+
+def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
+    objective, why_objective = figures.objective_importance(trials, distributions)
+    gate, why_gate = figures.gate_importance(trials, distributions)
+    caption = (f"PED-ANOVA importance of each searched parameter for a low val perplexity ({why_objective}) and "
+               f"for passing the gate and Phase 2 ({why_gate}).")
+    if objective is None and gate is None:
+        return Section("Parameter importance", caption,
+                       body=_note("Not computed: " + ("too few trials." if distributions else NO_PARAMS)))
+    return Section("Parameter importance", caption, figures.importance_figure(objective, gate))
+
+
+def slice_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
+    """Optuna's slice plot of the passed trials' val perplexity."""
+    passed = trials[figures.status_is(trials, "passed")]
+    fig = optuna.visualization.plot_slice(figures.rebuild_study(passed, passed["val_ppl"], distributions),
+                                          target_name="val perplexity")
+    fig.update_layout(title=None, margin=dict(t=30))
+    fig.update_traces(marker=dict(size=9, line=dict(width=1, color="#555555")))  # the first trials are near white
+    return Section("Val perplexity against each parameter", "Optuna's slice plot of the passed trials: each "
+                   "parameter's value against the trial's val perplexity, darker = later trial.", fig)
+
+
+def phase1_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
+    if figures.curves(iterations, "phase1", []).empty:
+        return Section("Phase 1 (CVFP)", "", body=_note("No Phase 1 pass has been reported."))
+    return Section("Phase 1 (CVFP)", "Each trial's converged ratio and effective rank (fraction of C) per Phase 1 "
+                   "pass, coloured by the trial's status.", figures.phase1_figure(iterations, trials))
+
+
+def phase2_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
+    if figures.curves(iterations, "phase2", []).empty:
+        return Section("Phase 2", "", body=_note("No trial has reached Phase 2."))
+    return Section("Phase 2", "Val perplexity per Phase 2 epoch of each trial that passed the gate, coloured by the "
+                   "trial's status.", figures.phase2_figure(iterations, trials))
+
+
+SHORT_NAMES = {"train_effective_rank_fraction": "train ER / C", "val_effective_rank_fraction": "val ER / C"}
+
+
+def top_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
+    table = figures.top_trials(trials, distributions).rename(columns=SHORT_NAMES)
+    body = table.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}", classes="trials")
+    return Section("Top trials", f"The {len(table)} trials of lowest objective with their results and searched "
+                   "parameters.", body=f'<div class="wide">{body}</div>')
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+# --- HTML --------------------------------------------------------------------------------
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+p.caption { color: #444; margin: 0.3em 0 0.6em; } p.note { color: #8a4b00; font-style: italic; }
+ul.summary li { margin: 0.2em 0; } .meta { color: #777; font-size: 0.9em; }
+div.wide { overflow-x: auto; } table.trials { border-collapse: collapse; font-size: 0.9em; }
+table.trials th, table.trials td { padding: 0.25em 0.6em; border-bottom: 1px solid #eee; text-align: right; }
+"""
+
+
+def render(report: Report) -> str:
+    """The report as one HTML page, plotly.js embedded once in its head."""
+    parts = []
+    for i, s in enumerate(report.sections):
+        body = s.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}",
+                                config={"displaylogo": False}) if s.figure is not None else s.body
+        caption = f'<p class="caption">{html.escape(s.caption)}</p>' if s.caption else ""
+        parts.append(f'<section>\n<h2>{html.escape(s.title)}</h2>\n{caption}\n{body}\n</section>')
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in report.summary)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>newllm search {html.escape(report.name)}</title>\n<style>{STYLE}</style>\n"
+            f'<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n'
+            f"<h1>newllm search {html.escape(report.name)}</h1>\n"
+            f'<p class="meta">{html.escape(report.directory)} &middot; report written {stamp}</p>\n'
+            f'<ul class="summary">{items}</ul>\n' + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+def build_report(directory: str | os.PathLike,
+                 distributions: dict[str, od.BaseDistribution] | None = None) -> Report:
+    """The report of the experiment at ``directory``. ``distributions``: the space's searched
+    parameters (``SearchSpace.params``); by default those the experiment recorded, else inferred
+    from the trials."""
+    trials, iterations = read_experiment(directory)
+    if distributions is None:
+        distributions = recorded_distributions(str(directory))
+    if distributions is None:  # an experiment of an earlier newllm: from the trials' configurations
+        distributions = figures.infer_distributions(trials) if len(trials) else {}
+    d = str(directory).rstrip("/")
+    return Report(d.rsplit("/", 1)[-1], d, summary(trials, iterations, distributions),
+                  sections(trials, iterations, distributions))
+
+
+def save(report: Report, out: str | os.PathLike) -> Path:
+    """Write the report as ``report.html`` in the local directory ``out``; return its path."""
+    if "://" in str(out):
+        raise ExperimentError(f"the report is written to a local directory, not {str(out)!r}: give --out")
+    path = Path(out) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(report), encoding="utf-8")
+    return path
+
+
+def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 distributions: dict[str, od.BaseDistribution] | None = None) -> Path:
+    """Write the report of the experiment at ``directory`` to ``out`` (default: the experiment
+    directory) and return the path of ``report.html``."""
+    return save(build_report(directory, distributions), directory if out is None else out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m newllm.analyze",
+                                description="Write report.html, the figures of what a newllm search found.")
+    p.add_argument("directory", help="the experiment directory (holding trials.parquet, iterations.parquet)")
+    p.add_argument("--out", help="directory for report.html (default: the experiment directory)")
+    args = p.parse_args(argv)
+    try:
+        report = build_report(args.directory)
+        path = save(report, args.directory if args.out is None else args.out)
+    except (ExperimentError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report.summary))
+    print(f"Report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
