@@ -5,8 +5,10 @@ Both sides run the same N configurations (drawn once from the space by a seeded 
 the Tuner gets them as ``points_to_evaluate``, so no sampler chooses) with the same data, on as
 many slots as cores, one torch thread each:
 
-- **search**: ``newllm.search.run_search`` on a local Ray; only ``Tuner.fit()`` is timed (Ray's
-  start and stop are reported apart), the end-of-search summary is not run;
+- **search**: ``newllm.search.run_search`` on a local Ray, as the command runs it (the Optuna
+  study in its journal file, the checkpoints pruned at the end), without a scheduler; only
+  ``run_search`` is timed (Ray's start and stop are reported apart), the end-of-search summary
+  and report are not run;
 - **pool**: ``slots`` worker processes started (and torch imported) before the clock starts,
   the data sent once to each, running ``newllm.run.train`` and saving the model as a trial does.
 
@@ -81,7 +83,10 @@ def run_tuner(args, space: SearchSpace, data: TokenData, configs: list[dict], sl
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
     t1 = time.perf_counter()
-    search.run_search(search_args, space, data, len(configs), slots, f"{root}/round{round_}", points=configs)
+    exp_dir = f"{root}/round{round_}"
+    # as the command runs it: the Optuna study in its journal, the checkpoints pruned at the end
+    search.run_search(search_args, space, data, len(configs), slots, exp_dir, points=configs,
+                      storage=search.optuna_storage(search_args, exp_dir))
     t2 = time.perf_counter()
     ray.shutdown()
     return t1 - t0, t2 - t1, time.perf_counter() - t2
