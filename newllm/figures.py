@@ -384,4 +384,12 @@ def top_trials(trials: pd.DataFrame, distributions: dict[str, od.BaseDistributio
     """The ``n`` trials of lowest objective (penalised ones last), with results and the searched
     parameters."""
     columns = [c for c in [*RESULT_COLUMNS, *distributions] if c in trials]
-    return trials.sort_values("objective", kind="stable", na_position="last")[columns].head(n).reset_index(drop=True)
+    top = trials.sort_values("objective", kind="stable", na_position="last").head(n)
+    table = top[columns].reset_index(drop=True)
+    if "replicates" in trials and trials.replicates.gt(1).any():
+        # replicates: the objective is their mean; val_ppl is replicate 0's (the saved model's)
+        spread = [f"{m:.2f} ± {sd:.2f} ({int(k)}/{int(r)} passed)" if pd.notna(sd) else
+                  (f"{m:.2f} ({int(k)}/{int(r)} passed)" if pd.notna(m) else f"0/{int(r)} passed")
+                  for m, sd, k, r in zip(top.val_ppl_mean, top.val_ppl_std, top.replicates_passed, top.replicates)]
+        table.insert(table.columns.get_loc("val_ppl") + 1, "val_ppl mean ± std", spread)
+    return table

@@ -55,7 +55,7 @@ from ray.tune import Callback
 
 TRIALS_FILE = "trials.parquet"
 ITERATIONS_FILE = "iterations.parquet"
-ITERATION_KEY = ["trial_id", "attempt", "phase", "step"]
+ITERATION_KEY = ["trial_id", "attempt", "replicate", "phase", "step"]
 PART_NAME = re.compile(r"part-(\d+)(?:-(\d+))?\.parquet")
 SCALARS = (bool, int, float, str)
 MERGE_EVERY = 100  # parts a writer merges into one file as it goes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,23 @@ SUMMARY_DTYPES = {
     "phase1_seconds": "float64", "analysis_seconds": "float64", "phase2_seconds": "float64",
     "final_analysis_seconds": "float64",
 }
+
+
+# The trials table's columns over a trial's replicates (``replicates_summary``)
+REPLICATE_DTYPES = {"replicates": "Int64", "replicates_passed": "Int64", "val_ppl_mean": "float64",
+                    "val_ppl_std": "float64"}
+
+
+def replicates_summary(summaries: list[dict]) -> dict:
+    """A trial's summary over its replicates' (``TrainResult.summary``): replicate 0's columns,
+    which describe the model the trial saves, with the objective replaced by the mean objective
+    of the replicates (a replicate that failed the gate brings its penalty), and val perplexity
+    mean and standard deviation over the replicates that passed."""
+    ppl = [s["val_ppl"] for s in summaries if s["status"] == "passed"]
+    return {**summaries[0], "objective": statistics.fmean(s["objective"] for s in summaries),
+            "replicates": len(summaries), "replicates_passed": len(ppl),
+            "val_ppl_mean": statistics.fmean(ppl) if ppl else None,
+            "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else None}
 
 
 @dataclass

@@ -25,7 +25,7 @@ from newllm import __version__
 from newllm.analyze import write_report
 from newllm.config import add_data_arguments, data_config_from_args, data_flags, field_types
 from newllm.data import DataConfig, prepare_data
-from newllm.run import SUMMARY_DTYPES
+from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
 from newllm.space import (
     SPACE_FILE,
     SearchSpace,
@@ -67,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Optuna study's storage: a journal file, or an RDB URL (sqlite:///..., postgresql://...) "
                         "(default: optuna.journal in the experiment directory; beside the driver when that is on "
                         "s3:// or gs://)")
-    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+    p.add_argument("--scheduler", choices=["asha", "none"],
                    help="asha: stop a passing trial's Phase 2 when its val perplexity is clearly worse than other "
-                        "trials' at the same epoch; none: every trial runs Phase 2 to its own end (default: %(default)s)")
+                        "trials' at the same epoch; none: every trial runs Phase 2 to its own end "
+                        "(default: asha; none with --repeats > 1)")
+    p.add_argument("--repeats", type=int,
+                   help="runs of each sampled configuration, seeds seed, seed + 1, ...: Optuna gets their mean "
+                        "objective (default: the space's repeats, else 1)")
     add_data_arguments(p, defaults=False)
     return p
 
@@ -79,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_trials", "concurrency", "cpus_per_trial"):
+    for name in ("num_trials", "concurrency", "cpus_per_trial", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -168,7 +172,7 @@ class TrialRow:
 
     def __call__(self, trial, result: dict, node_ids: list[str]) -> dict:
         ended = outcome(result)
-        summary = {k: (ended or result).get(k) for k in SUMMARY_DTYPES}
+        summary = {k: (ended or result).get(k) for k in (*SUMMARY_DTYPES, *REPLICATE_DTYPES)}
         if ended is None:
             summary["status"] = "error"
         checkpoint = trial.checkpoint
@@ -180,7 +184,7 @@ class TrialRow:
 
     @staticmethod
     def dtypes() -> dict[str, str]:
-        return {"trial_id": "string", **SUMMARY_DTYPES, "trial_seconds": "float64", "node_id": "string",
+        return {"trial_id": "string", **SUMMARY_DTYPES, **REPLICATE_DTYPES, "trial_seconds": "float64", "node_id": "string",
                 "hostname": "string", "node_ids": "string", "attempts": "Int64", "phase1_restored": "boolean",
                 "checkpoint_path": "string", **{name: CONFIG_DTYPES[t] for name, t in field_types().items()}}
 
@@ -236,11 +240,12 @@ def _fmt(value) -> str:
 
 
 def _describe(r: dict) -> str:
+    replicate = f"replicate {r['replicate']} " if r.get("replicate") else ""
     if r.get("phase") == "phase1":
-        return f"phase1 pass {r['step']} conv {r['converged_ratio']:.0%} ER {r['effective_rank_fraction']:.0%}"
+        return f"{replicate}phase1 pass {r['step']} conv {r['converged_ratio']:.0%} ER {r['effective_rank_fraction']:.0%}"
     if r.get("phase") == "phase2":
-        return f"phase2 epoch {r['step']} val_ppl {r['val_ppl']:.1f}"
-    return r.get("phase", "?")
+        return f"{replicate}phase2 epoch {r['step']} val_ppl {r['val_ppl']:.1f}"
+    return replicate + r.get("phase", "?")
 
 
 def print_summary(directory: str, space: SearchSpace) -> None:
@@ -263,6 +268,11 @@ def print_summary(directory: str, space: SearchSpace) -> None:
         best = passed.sort_values("objective").iloc[0]
         print(f"Best trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
               f"{int(best.num_params):,} parameters")
+        if best.replicates > 1:
+            spread = f" ± {best.val_ppl_std:.2f}" if pd.notna(best.val_ppl_std) else ""
+            print(f"  over its {best.replicates} replicates (seeds): objective {best.objective:.2f}, val_ppl "
+                  f"{best.val_ppl_mean:.2f}{spread} over the {best.replicates_passed} that passed; the figures "
+                  f"above are replicate 0's, the saved model's")
         print("Best configuration: " + ", ".join(f"{k}={_fmt(best[k])}" for k in searched))
         stopped = passed[passed.phase2_stop_reason == "scheduler"]
         if len(stopped):
@@ -295,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume and (exists or ("://" not in exp_dir and Path(exp_dir).exists())):
             raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
         space = recorded_space(exp_dir) if args.resume else None
-        given = ["--space"] * (args.space is not None) + data_flags_given(args)
+        given = ["--space"] * (args.space is not None) + ["--repeats"] * (args.repeats is not None) + \
+            data_flags_given(args)
         if space is None:  # a new search (or one of an earlier newllm, which recorded no space)
             space = space_from_args(args)
         elif given and (diff := space_differences(space, space_from_args(args))):
             raise ValueError(f"--resume continues with {exp_dir}/{SPACE_FILE}, the space this experiment recorded, "
                              f"but {', '.join(given)} give another ({', '.join(diff)} differ): drop them")
+        if args.scheduler == "asha" and space.repeats > 1:
+            raise ValueError(f"--scheduler asha compares one run per trial at each Phase 2 epoch, but each trial "
+                             f"runs {space.repeats} (repeats): use --scheduler none")
         data_cfg = DataConfig(**space.data)
         storage = optuna_storage(args, exp_dir)
         if not args.resume and study_exists(storage, args.name):
@@ -355,12 +369,14 @@ def space_from_args(args: argparse.Namespace) -> SearchSpace:
     space = dataclasses.replace(space, data={k: v for k, v in data_cfg.items() if k != "cache_dir"})
     if "seed" not in space.params and "seed" not in space.fixed:
         space = dataclasses.replace(space, fixed={**space.fixed, "seed": args.seed})
+    if args.repeats is not None:
+        space = dataclasses.replace(space, repeats=args.repeats)
     return space
 
 
 def space_differences(a: SearchSpace, b: SearchSpace) -> list[str]:
-    """The sections (params.x, fixed.x, data.x, objectives) in which two spaces differ."""
-    diff = [] if a.objectives == b.objectives else ["objectives"]
+    """The sections (params.x, fixed.x, data.x, objectives, repeats) in which two spaces differ."""
+    diff = [name for name in ("objectives", "repeats") if getattr(a, name) != getattr(b, name)]
     for section in ("params", "fixed", "data"):
         x, y = getattr(a, section), getattr(b, section)
         diff += [f"{section}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
@@ -454,13 +470,14 @@ def max_phase2_epochs(space: SearchSpace) -> int:
     return max(d.choices) if isinstance(d, od.CategoricalDistribution) else int(d.high)
 
 
-def scheduler(name: str, space: SearchSpace):
-    """The trial scheduler of ``--scheduler``: ASHA over Phase 2 epochs, or None (FIFO). Its time
+def scheduler(name: str | None, space: SearchSpace):
+    """The trial scheduler of ``--scheduler`` (None: asha, or none when a trial runs replicates):
+    ASHA over Phase 2 epochs, or None (FIFO). Its time
     is ``phase2_epoch``, which only Phase 2 rows carry, so Phase 1 passes and the analysis are
     never rungs and a gate-failed trial is never stopped by it. Its metric ``objective`` is a
     trial's best val perplexity so far. A trial that reaches its last epoch is never cut
     (``stop_last_trials=False``): it ends with its own final row."""
-    if name == "none":
+    if (name or ("asha" if space.repeats == 1 else "none")) == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
 

@@ -3,6 +3,7 @@
 Schema (every key optional except ``params``)::
 
     num_trials: 8                      # trials to run (the CLI's --num-trials overrides)
+    repeats: 1                         # runs (seeds) per trial, its replicates (--repeats overrides)
     objectives: [val_ppl]              # or [val_ppl, num_params]: multi-objective, all minimised
     params:                            # searched TrainConfig fields
       context_dim: {type: categorical, choices: [16, 32, 64]}
@@ -37,7 +38,7 @@ from newllm.config import TrainConfig, field_types
 from newllm.data import DataConfig
 
 OBJECTIVES = {"val_ppl": "objective", "num_params": "num_params"}
-TOP_KEYS = {"num_trials", "objectives", "params", "fixed", "data"}
+TOP_KEYS = {"num_trials", "repeats", "objectives", "params", "fixed", "data"}
 DIST_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}
 DATA_KEYS = {f.name for f in fields(DataConfig)} - {"cache_dir"}
@@ -62,6 +63,7 @@ class SearchSpace:
     data: dict[str, object]
     objectives: list[str]
     num_trials: int
+    repeats: int = 1  # runs of each sampled configuration, with seeds seed, seed + 1, ...
 
     def trial_config(self, sampled: dict) -> TrainConfig:
         """The full TrainConfig of a trial from its sampled values."""
@@ -78,7 +80,7 @@ class SearchSpace:
 
     def to_yaml(self) -> str:
         """This space as a space file: ``parse_space`` of it gives the same space back."""
-        return yaml.safe_dump({"num_trials": self.num_trials, "objectives": self.objectives,
+        return yaml.safe_dump({"num_trials": self.num_trials, "repeats": self.repeats, "objectives": self.objectives,
                                "params": {name: _spec(d) for name, d in self.params.items()},
                                "fixed": self.fixed, "data": self.data}, sort_keys=False, default_flow_style=None)
 
@@ -230,9 +232,10 @@ def parse_space(text: str, where: str) -> SearchSpace:
             or not all(isinstance(o, str) and o in OBJECTIVES for o in objectives) \
             or len(set(objectives)) != len(objectives):
         raise SpaceError(f"{where}: objectives must be a list drawn from {sorted(OBJECTIVES)}, got {objectives!r}")
-    num_trials = raw.get("num_trials", 8)
-    if not _is(num_trials, int) or num_trials < 1:
-        raise SpaceError(f"{where}: num_trials must be an integer >= 1, got {num_trials!r}")
+    num_trials, repeats = raw.get("num_trials", 8), raw.get("repeats", 1)
+    for name, value in (("num_trials", num_trials), ("repeats", repeats)):
+        if not _is(value, int) or value < 1:
+            raise SpaceError(f"{where}: {name} must be an integer >= 1, got {value!r}")
     data = raw.get("data") or {}
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
         raise SpaceError(f"{where}: data must be a mapping with keys from {sorted(DATA_KEYS)}")
@@ -247,7 +250,7 @@ def parse_space(text: str, where: str) -> SearchSpace:
     except (TypeError, ValueError) as e:
         raise SpaceError(f"{where}: data: {e}") from e
 
-    space = SearchSpace(where, params, fixed, data, objectives, num_trials)
+    space = SearchSpace(where, params, fixed, data, objectives, num_trials, repeats)
     corners = list(itertools.product(*(_ends(d) for d in params.values())))
     for values in corners[:MAX_CORNERS]:
         sampled = dict(zip(params, values))

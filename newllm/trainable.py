@@ -1,6 +1,7 @@
-"""The Ray Tune function trainable: one search trial is one ``newllm.run.train`` run.
+"""The Ray Tune function trainable: one search trial is ``space.repeats`` (usually 1)
+``newllm.run.train`` runs of its configuration, its replicates, with seeds seed, seed + 1, ...
 
-Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` and
+Reported rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective`` and
 ``num_params`` (Tune checks the metric in every report; OptunaSearch reads the last one):
 
 - ``phase1``, step = pass: cvfp/dist loss, converged ratio, train effective rank, lr, seconds;
@@ -10,7 +11,9 @@ Reported rows, each with ``phase`` and ``step`` and all carrying ``objective`` a
   ``if_stopped``, the run's summary if a scheduler stopped it here; with a checkpoint at each
   epoch that improves on every earlier one (its weights, then the best, and the state that
   resumes Phase 2 after it). ``phase2_epoch`` is a scheduler's time: no other row has it;
-- ``final``, step 0: the run's summary and ``status``, with the final checkpoint.
+- ``final``, step 0, once per trial: ``newllm.run.replicates_summary`` of the replicates (replicate
+  0's summary and ``status``, the mean objective, val perplexity mean and std), with the final
+  checkpoint: replicate 0's model, the one its columns describe.
 
 Every row's ``objective`` comes from ``newllm.run.objective``: until a Phase 2 result exists
 it is the gate-failed penalty the trial would get if it ended there; in Phase 2 it is the best
@@ -18,12 +21,14 @@ val perplexity so far. Every row also carries ``node_id`` (the Ray node that ran
 ``hostname``) and ``phase1_restored``.
 
 A retried trial (its node was lost) or a resumed one (the driver was restarted) starts from its
-latest checkpoint: from the Phase 1 checkpoint it skips Phase 1 (``phase1_restored`` True), from
-a Phase 2 one it continues after that epoch, from the final one it reports the saved summary again.
+latest checkpoint, which also holds the summaries of the replicates before it (and replicate 0's
+model): from a Phase 1 checkpoint it skips Phase 1 (``phase1_restored`` True), from a Phase 2 one
+it continues after that epoch, from the final one it reports the saved summary again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from typing import Literal
 
@@ -32,9 +37,22 @@ import torch
 from ray import tune
 
 from newllm.checkpoint import load_model, save_model
+from newllm.config import TrainConfig
 from newllm.data import TokenData
+from newllm.model import NewLLM
 from newllm.phase1 import PassRecord
-from newllm.run import EpochReport, TrainResult, build_model, checkpoint_record, objective, resume_from, train
+from newllm.phase2 import Phase2State
+from newllm.run import (
+    EpochReport,
+    Resume,
+    TrainResult,
+    build_model,
+    checkpoint_record,
+    objective,
+    replicates_summary,
+    resume_from,
+    train,
+)
 from newllm.space import SearchSpace
 
 Phase = Literal["phase1", "analysis", "phase2", "final"]
@@ -49,26 +67,59 @@ def trial_resources() -> tuple[int, str]:
 
 
 def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
+    """One trial: ``space.repeats`` runs of its configuration (replicates r = 0, 1, ... with seeds
+    seed + r), then its final row, whose summary is ``replicates_summary`` of theirs, with the
+    final checkpoint holding replicate 0's model."""
     cfg = space.trial_config(config)
     threads, device = trial_resources()
     torch.set_num_threads(threads)
-    model = build_model(cfg, data.vocab_size, device)
-    num_params = model.num_params()
-    record = None
+    record = restored = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model, record = load_model(d, device)
+            restored, record = load_model(d, device)
     where = {"node_id": ray.get_runtime_context().get_node_id(), "phase1_restored": record is not None}
+
+    if record is not None and "summary" in record:  # the trial had finished: nothing to redo
+        where["phase1_restored"] = record["phase1_restored"]
+        tune.report({"phase": "final", "step": 0, "replicate": 0, "num_params": restored.num_params(), **where,
+                     "threads": threads, "device": device, **record["summary"]})
+        return
+    # from a checkpoint: the summaries of the replicates that finished, and replicate 0's model
+    summaries: list[dict] = list(record.get("replicates", [])) if record else []
+    first_model: dict | None = record.get("first_model") if record else None
+    for replicate in range(len(summaries), space.repeats):
+        rcfg = dataclasses.replace(cfg, seed=cfg.seed + replicate)
+        model, resume = build_model(rcfg, data.vocab_size, device), None
+        if record is not None:  # the checkpoint is of this replicate
+            model, resume, record = restored, resume_from(record), None
+        kept = {"replicates": summaries, "first_model": first_model} if replicate else {"replicates": summaries}
+        summaries.append(run_replicate(rcfg, data, model, resume, replicate, where, kept))
+        if replicate == 0:
+            first_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(first_model)
+    summary = replicates_summary(summaries)
+    with tempfile.TemporaryDirectory() as d:
+        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=summary,
+                   phase1_restored=where["phase1_restored"])
+        tune.report({"phase": "final", "step": 0, "replicate": 0, "num_params": model.num_params(), **where,
+                     "threads": threads, "device": device, **summary}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_replicate(cfg: TrainConfig, data: TokenData, model: NewLLM, resume: Resume | None, replicate: int,
+                  where: dict, kept: dict) -> dict:
+    """One run of the trial (``newllm.run.train``), reporting its rows and checkpoints; returns its
+    summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial."""
+    num_params = model.num_params()
 
     def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({"phase": phase, "step": step, "num_params": num_params, **where, **row}, checkpoint=checkpoint)
+        tune.report({"phase": phase, "step": step, "replicate": replicate, "num_params": num_params, **where, **row},
+                    checkpoint=checkpoint)
 
-    if record is not None and "summary" in record:  # the run had finished: nothing to redo
-        where["phase1_restored"] = record["phase1_restored"]
-        report("final", 0, {"threads": threads, "device": device, **record["summary"]})
-        return
+    def save(d: str, result: TrainResult, state: Phase2State | None = None) -> None:
+        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), replicate=replicate, **kept,
+                   **checkpoint_record(result, state))
 
     def on_pass(r: PassRecord) -> None:
         report("phase1", r.pass_index, {**r.to_dict(),
@@ -77,29 +128,23 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
     def on_gate(result: TrainResult) -> None:
         row = {**result.summary(), "objective": objective(
             "gate_failed", train_er_fraction=result.train_analysis.effective_rank_fraction)}
-        if where["phase1_restored"]:  # its checkpoint holds these weights already
+        if resume is not None:  # its checkpoint holds these weights already
             report("analysis", 0, row)
             return
         with tempfile.TemporaryDirectory() as d:
-            save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), **checkpoint_record(result))
+            save(d, result)
             report("analysis", 0, row, d)
 
     def on_epoch(epoch: EpochReport) -> None:
         stopped = epoch.if_stopped
         row = {**epoch.record.to_dict(), "phase2_epoch": epoch.record.epoch, "objective": stopped.objective,
-               "if_stopped": stopped.summary()}
+               "if_stopped": replicates_summary([*kept["replicates"], stopped.summary()])}
         if epoch.state is None:
             report("phase2", epoch.record.epoch, row)
             return
         # the best epoch so far: its weights are what a scheduler's stop leaves this trial with
         with tempfile.TemporaryDirectory() as d:
-            save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(),
-                       **checkpoint_record(stopped, epoch.state))
+            save(d, stopped, epoch.state)
             report("phase2", epoch.record.epoch, row, d)
 
-    resume = resume_from(record) if record is not None else None
-    result = train(cfg, data, model, resume=resume, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch)
-    with tempfile.TemporaryDirectory() as d:
-        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary(),
-                   phase1_restored=where["phase1_restored"])
-        report("final", 0, {"threads": threads, "device": device, **result.summary()}, d)
+    return train(cfg, data, model, resume=resume, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch).summary()

@@ -37,7 +37,7 @@ def writer(directory: Path, flush_seconds: float = 3600.0, merge_every: int = 10
 
 
 def report(cb, trial, phase: str, step: int, since_restore: int, node: str = "node-a", **row) -> None:
-    result = {"phase": phase, "step": step, "iterations_since_restore": since_restore, "node_id": node,
+    result = {"phase": phase, "step": step, "replicate": 0, "iterations_since_restore": since_restore, "node_id": node,
               "trial_id": trial.trial_id, "config": trial.config, **row}
     trial.last_result = result
     cb.on_trial_result(0, [], trial, result)

@@ -144,3 +144,76 @@ def test_a_run_resumed_from_a_phase2_checkpoint_ends_as_the_uninterrupted_one(tm
             assert b[key] == pytest.approx(a[key], rel=tolerance), key
         else:
             assert b[key] == a[key], key
+
+
+class FakeTune:
+    """The part of ``ray.tune`` a trainable uses, without Ray: rows and checkpoints are kept
+    (checkpoint directories copied, as Tune persists them), and ``start`` is the checkpoint the
+    trial starts from."""
+
+    Checkpoint = None  # set to ray.tune.Checkpoint in __init__
+
+    def __init__(self, root, start=None):
+        from ray import tune
+
+        self.Checkpoint, self.root, self.start = tune.Checkpoint, root, start
+        self.rows: list[dict] = []
+        self.checkpoints: list = []  # (row, checkpoint)
+
+    def get_checkpoint(self):
+        return self.start
+
+    def report(self, row: dict, checkpoint=None) -> None:
+        import shutil
+
+        self.rows.append(row)
+        if checkpoint is not None:
+            kept = self.root / f"checkpoint_{len(self.checkpoints):03d}"
+            shutil.copytree(checkpoint.path, kept)
+            self.checkpoints.append((row, self.Checkpoint.from_directory(str(kept))))
+
+
+class FakeContext:
+    def get_node_id(self) -> str:
+        return "node"
+
+    def get_assigned_resources(self) -> dict:
+        return {"CPU": 1}
+
+
+def test_a_trial_retried_in_its_second_replicate_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from newllm import trainable
+    from newllm.space import parse_space
+
+    space = dataclasses.replace(parse_space(STOP_SPACE, "stop.yaml"), repeats=2)
+    data = prepare_data(DataConfig(**space.data, cache_dir=str(tmp_path / "cache")))
+    config = {"phase2_lr": 0.003, "gate_train_er": 0.0}
+    monkeypatch.setattr(trainable, "ray", SimpleNamespace(get_runtime_context=FakeContext))
+
+    def run(name: str, start=None) -> FakeTune:
+        fake = FakeTune(tmp_path / name, start)
+        (tmp_path / name).mkdir()
+        monkeypatch.setattr(trainable, "tune", fake)
+        trainable.run_trial(config, space, data)
+        return fake
+
+    whole = run("whole")
+    assert [r["replicate"] for r in whole.rows if r["phase"] == "analysis"] == [0, 1]
+    # the node is lost after replicate 1's Phase 1 checkpoint: Tune retries from it
+    start = next(c for row, c in whole.checkpoints if row["phase"] == "analysis" and row["replicate"] == 1)
+    retried = run("retried", start)
+    assert {r["replicate"] for r in retried.rows} == {1}  # replicate 0 is not run again
+    a, b = whole.rows[-1], retried.rows[-1]
+    assert a["phase"] == b["phase"] == "final" and b["phase1_restored"]
+    assert (b["val_ppl"], b["replicates"], b["replicates_passed"]) == (a["val_ppl"], 2, 2)  # replicate 0's, kept
+    # replicate 1 redid its analysis from the restored weights: its fixed contexts start from
+    # pass 0 instead of Phase 1's last pass, equal within the convergence tolerance
+    for key in ("objective", "val_ppl_mean", "val_ppl_std"):
+        assert b[key] == pytest.approx(a[key], rel=1e-2), key
+    # the final checkpoint of both holds replicate 0's model, the one the row's val_ppl describes
+    for fake in (whole, retried):
+        model, _ = load_model(fake.checkpoints[-1][1].path)
+        assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(a["val_ppl"], rel=1e-6)

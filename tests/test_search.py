@@ -245,3 +245,42 @@ def test_an_experiment_on_object_storage_keeps_its_study_beside_the_driver(tmp_p
     assert search.optuna_storage(args, search.experiment_dir(args)) == str(tmp_path / "n.optuna.journal")
     args = search.parse_args(["--name", "n", "--storage-path", str(tmp_path)])
     assert search.optuna_storage(args, search.experiment_dir(args)) == f"{tmp_path}/n/{search.OPTUNA_JOURNAL}"
+
+
+@pytest.mark.slow
+def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_mean(tmp_path, tiny_space, capsys):
+    import math
+
+    import optuna
+
+    from newllm import analyze
+    from newllm.checkpoint import load_model
+    from newllm.data import DataConfig, prepare_data
+    from newllm.phase2 import stream_metrics
+    from newllm.space import load_space
+
+    space = tiny_space("gate_train_er: 0.0\n  gate_val_er: 0.0")
+    args = ["--local", "--space", space, "--name", "reps", "--storage-path", str(tmp_path / "res")]
+    assert search.main(args + ["--repeats", "2", "--scheduler", "asha"]) == 2  # ASHA compares single runs
+    assert "use --scheduler none" in capsys.readouterr().err
+    trials, iterations = run_search(tmp_path, space, "reps", "--num-trials", "2", "--repeats", "2")
+    assert (trials.replicates == 2).all() and (trials.status == "passed").all()
+    data = prepare_data(DataConfig(**load_space(space).data))
+    for row in trials.itertuples():
+        rows = iterations[iterations.trial_id == row.trial_id]
+        assert set(rows.replicate) == {0, 1}
+        # two seeds: two different runs, each with its own Phase 1 and Phase 2
+        first, second = (rows[(rows.replicate == r) & (rows.phase == "phase1")].loss.tolist() for r in (0, 1))
+        assert first and second and first != second
+        best = [rows[(rows.replicate == r) & (rows.phase == "phase2")].val_ppl.min() for r in (0, 1)]
+        assert row.val_ppl == pytest.approx(best[0], rel=1e-9)  # replicate 0's: the saved model's
+        assert row.objective == pytest.approx(sum(best) / 2) == row.val_ppl_mean
+        assert row.val_ppl_std == pytest.approx(abs(best[0] - best[1]) / math.sqrt(2))
+        model, _ = load_model(row.checkpoint_path)
+        assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(row.val_ppl, rel=1e-6)
+        assert len(rows[rows.phase == "final"]) == 1
+    journal = tmp_path / "res" / "reps" / search.OPTUNA_JOURNAL
+    study = optuna.load_study(study_name="reps", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))
+    assert "val_ppl mean ± std" in (tmp_path / "res" / "reps" / analyze.REPORT_FILE).read_text()
