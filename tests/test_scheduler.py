@@ -205,13 +205,15 @@ def test_a_trial_retried_in_its_second_replicate_ends_as_the_uninterrupted_one(t
     # the node is lost after replicate 1's Phase 1 checkpoint: Tune retries from it
     start = next(c for row, c in whole.checkpoints if row["phase"] == "analysis" and row["replicate"] == 1)
     retried = run("retried", start)
-    assert {r["replicate"] for r in retried.rows} == {1}  # replicate 0 is not run again
+    # replicate 0 is not run again (the final row, the trial's, describes replicate 0's model)
+    assert {r["replicate"] for r in retried.rows if r["phase"] != "final"} == {1}
     a, b = whole.rows[-1], retried.rows[-1]
     assert a["phase"] == b["phase"] == "final" and b["phase1_restored"]
     assert (b["val_ppl"], b["replicates"], b["replicates_passed"]) == (a["val_ppl"], 2, 2)  # replicate 0's, kept
     # replicate 1 redid its analysis from the restored weights: its fixed contexts start from
-    # pass 0 instead of Phase 1's last pass, equal within the convergence tolerance
-    for key in ("objective", "val_ppl_mean", "val_ppl_std"):
+    # pass 0 instead of Phase 1's last pass, equal within the convergence tolerance, so its val
+    # perplexity (in the mean) is within 1%; the std, a difference of two close numbers, is not
+    for key in ("objective", "val_ppl_mean"):
         assert b[key] == pytest.approx(a[key], rel=1e-2), key
     # the final checkpoint of both holds replicate 0's model, the one the row's val_ppl describes
     for fake in (whole, retried):
