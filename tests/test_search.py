@@ -284,3 +284,15 @@ def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_me
         optuna.storages.journal.JournalFileBackend(str(journal))))
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))
     assert "val_ppl mean ± std" in (tmp_path / "res" / "reps" / analyze.REPORT_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_the_laptop_search_shows_the_gate(tmp_path):
+    """The README's main command (the laptop space, seed 0): some trials collapse in Phase 1 and
+    fail the gate, most pass."""
+    trials, _ = run_search(tmp_path, "laptop", "laptop")
+    counts = trials.status.value_counts()
+    assert len(trials) == 8 and counts.get("gate_failed", 0) >= 1 and counts.get("passed", 0) >= 4, counts
+    failed = trials[trials.status == "gate_failed"]
+    assert ((failed.train_effective_rank_fraction < failed.gate_train_er)
+            | (failed.val_effective_rank_fraction < failed.gate_val_er)).all()
