@@ -7,8 +7,9 @@ Phase 1 training pass of
   reference  the seed's per-token loop (B = 1, corrected targets; newllm.reference): contexts,
              loss, backward, Adam step
   exact      the fast exact pass as train_phase1 runs it (newllm.phase1.run_pass): no-grad
-             sequential pass over B streams, loss, effective rank, converged ratio, chunked
-             batched backward, Adam step
+             sequential pass over B streams keeping its matmul outputs, loss, effective rank,
+             converged ratio, chunked batched backward from the kept outputs, Adam step
+  exact_recompute  the same with --phase1-keep-gib 0: the backward computes the forward again
   jacobi     the same with the Jacobi pass: one batched computation, no sequential part
   gemm       a plain matmul of the blocks' shapes, for this machine's matmul rate (the best
              of 1k, 4k and 16k rows)
@@ -195,13 +196,15 @@ def run_size(name: str, ids: torch.Tensor, vocab_size: int, args: argparse.Names
     flops = useful_flops_per_token(model)
     reference = len(ids) / time_reference(model, ids, cfg, args.device)
     exact = fast_passes(model, ids, cfg, args.device)
+    recompute = fast_passes(model, ids, replace(cfg, phase1_keep_gib=0.0), args.device)
     jacobi = fast_passes(model, ids, replace(cfg, phase1_mode="jacobi"), args.device)
-    next(exact), next(jacobi)  # warm-up passes
-    rounds = [(gemm_rate(model, args.device), len(ids) / next(exact), len(ids) / next(jacobi))
-              for _ in range(args.repeats)]
+    next(exact), next(recompute), next(jacobi)  # warm-up passes
+    rounds = [(gemm_rate(model, args.device), len(ids) / next(exact), len(ids) / next(recompute),
+               len(ids) / next(jacobi)) for _ in range(args.repeats)]
     gemm = statistics.median(r[0] for r in rounds)
     rate = {"reference": reference, "exact": statistics.median(r[1] for r in rounds),
-            "jacobi": statistics.median(r[2] for r in rounds)}
+            "exact_recompute": statistics.median(r[2] for r in rounds),
+            "jacobi": statistics.median(r[3] for r in rounds)}
     parts = breakdown(model, ids, cfg, args.device, args.repeats)
     parts["gemm_fraction_without_recompute"] = len(ids) * flops / parts["without_recompute_s"] / gemm
     row = {"size": name, **SIZES[name], "tokens": len(ids), "streams": phase1.num_streams(len(ids), cfg),

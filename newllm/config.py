@@ -48,6 +48,8 @@ class TrainConfig:
     phase1_streams: int = _f(128, "B contiguous chunks of the stream processed side by side, each >= 128 "
                                   "tokens (fewer on short streams; 1 = the seed's single stream)")
     phase1_chunk_tokens: int = _f(4096, "tokens per batched backward chunk (bounds memory)")
+    phase1_keep_gib: float = _f(4.0, "GiB for keeping the sequential pass's matmul outputs, so that the backward "
+                                      "need not compute them again (a pass that needs more recomputes; 0 = always)")
     # gate
     gate_train_er: float = _f(0.20, "Phase 2 needs train effective rank >= this fraction of C")
     gate_val_er: float = _f(0.08, "Phase 2 needs val effective rank >= this fraction of C")

@@ -17,6 +17,7 @@ memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("residual", "gated")
+# how the context update computes its matmuls: (input, weight, bias) -> output. F.linear, or
+# Phase 1's tape, which keeps their outputs so that the backward need not compute them again
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,12 @@ class ResidualBlock(nn.Module):
         self.context_norm = nn.LayerNorm(cfg.context_dim)
         self.token_norm = nn.LayerNorm(cfg.embed_dim)
 
-    def forward(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, c: torch.Tensor, x: torch.Tensor, linear: Linear = F.linear) -> tuple[torch.Tensor, torch.Tensor]:
         cx = torch.cat([c, x], dim=-1)
         if self.last:
-            y = F.relu(F.linear(cx, self.fnn.weight[: self.context_dim], self.fnn.bias[: self.context_dim]))
+            y = F.relu(linear(cx, self.fnn.weight[: self.context_dim], self.fnn.bias[: self.context_dim]))
             return self.context_norm(c + y), x
-        y = F.relu(self.fnn(cx))
+        y = F.relu(linear(cx, self.fnn.weight, self.fnn.bias))
         c = self.context_norm(c + y[..., : self.context_dim])
         x = self.token_norm(x + y[..., self.context_dim :])
         return c, x
@@ -84,10 +88,10 @@ class GatedBlock(nn.Module):
         self.candidate = nn.Linear(cfg.hidden_dim, cfg.context_dim)
         self.context_norm = nn.LayerNorm(cfg.context_dim)
 
-    def forward(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.inputs(torch.cat([c, x], dim=-1))
+    def forward(self, c: torch.Tensor, x: torch.Tensor, linear: Linear = F.linear) -> tuple[torch.Tensor, torch.Tensor]:
+        z = linear(torch.cat([c, x], dim=-1), self.inputs.weight, self.inputs.bias)
         h, f, i = z.split([self.hidden_dim, self.context_dim, self.context_dim], dim=-1)
-        candidate = torch.tanh(self.candidate(F.relu(h)))
+        candidate = torch.tanh(linear(F.relu(h), self.candidate.weight, self.candidate.bias))
         c = self.context_norm(torch.sigmoid(f) * c + torch.sigmoid(i) * candidate)
         return c, x
 
@@ -117,19 +121,27 @@ class NewLLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_norm(self.token_embedding(ids))
 
-    def update(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def update(self, e: torch.Tensor, c: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         """One context update f(e, c) -> c' for embedded tokens e, any leading shape."""
         x = e
         for block in self.blocks:
-            c, x = block(c, x)
+            c, x = block(c, x, linear)
         return c
+
+    def matmul_widths(self) -> list[int]:
+        """The output width of each matmul of one context update, in the order it runs them."""
+        cfg = self.cfg
+        if cfg.architecture == "residual":
+            return [cfg.hidden_dim] * (cfg.num_layers - 1) + [cfg.context_dim]
+        return [cfg.hidden_dim + 2 * cfg.context_dim, cfg.context_dim] * cfg.num_layers
 
     def initial_context(self, batch_shape: tuple[int, ...] = ()) -> torch.Tensor:
         p = self.head.weight
         return torch.zeros(*batch_shape, self.cfg.context_dim, device=p.device, dtype=p.dtype)
 
     def scan(self, tokens: torch.Tensor, context: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
-             keep_last: int | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             keep_last: int | None = None, out: torch.Tensor | None = None,
+             linear: Linear = F.linear) -> tuple[torch.Tensor, torch.Tensor]:
         """The recurrence, the one place it is written: read ``tokens`` from ``context`` (zeros if
         None), carrying the context from each position to the next.
 
@@ -138,7 +150,8 @@ class NewLLM(nn.Module):
         every pass). Where ``mask`` [..., T] is False the context is left unchanged (left
         padding). Returns (contexts after each position [..., T, C], or only the last
         ``keep_last`` of them; the context after the last position). With ``out`` [..., T, C]
-        the contexts are written there instead (no autograd: the inference fast path).
+        the contexts are written there instead (no autograd: the inference fast path). ``linear``
+        computes the update's matmuls (Phase 1's tape keeps their outputs).
         """
         embedded = tokens.is_floating_point()
         length = tokens.shape[-2] if embedded else tokens.shape[-1]
@@ -147,7 +160,7 @@ class NewLLM(nn.Module):
         kept = []
         for t in range(length):
             e = tokens[..., t, :] if embedded else self.embed(tokens[..., t])
-            updated = self.update(e, c)
+            updated = self.update(e, c, linear)
             c = updated if mask is None else torch.where(mask[..., t, None], updated, c)
             if out is not None:
                 out[..., t, :] = c

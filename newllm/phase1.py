@@ -12,8 +12,10 @@ CVFP loss was always 0 and every run "converged" at pass 2; this is the correcte
 
 Because every step's input context is stop-gradient, a pass's gradient does not need the
 sequential graph: the inputs ci[t-1] come from a cheap no-grad sequential pass, and the
-gradient is the vector-Jacobian product of one batched recomputation ``f(e, inputs)``, run in
-chunks of tokens so memory grows with the stored contexts (N x C), not with activations.
+gradient is the vector-Jacobian product of one batched ``f(e, inputs)``, run in chunks of
+tokens so memory grows with the stored contexts (N x C), not with activations. The sequential
+pass keeps its matmul outputs while they fit ``phase1_keep_gib`` (``MatmulTape``), so that the
+backward need not compute them again; beyond that budget it recomputes them.
 
 **Streams that hand over.** The stream is split into B contiguous chunks processed side by
 side. On each pass stream b starts from the last context of stream b - 1 on the previous
@@ -44,6 +46,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from newllm.config import TrainConfig
 from newllm.metrics import effective_rank, singular_values
@@ -120,11 +123,61 @@ def hand_over(previous: torch.Tensor) -> torch.Tensor:
     return previous[:, -1].roll(1, dims=0)
 
 
-def sequential_pass(model: NewLLM, e: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence over streams e [B, L, E] from contexts ``start`` [B, C]: (inputs, outputs)."""
+class MatmulTape:
+    """The outputs of the context update's matmuls at every position of a sequential pass, in
+    the order the update runs them, recorded as the pass computes them (references: no copy).
+    The backward then takes them as they are (``kept_linear``) instead of computing the forward
+    again: the same numbers, one forward's matmuls less per training pass."""
+
+    def __init__(self, model: NewLLM):
+        self.per_update = len(model.matmul_widths())
+        self.steps: list[list[torch.Tensor]] = []  # per position, its matmuls' outputs [B, width]
+
+    @staticmethod
+    def nbytes(model: NewLLM, e: torch.Tensor) -> int:
+        return e.shape[0] * e.shape[1] * sum(model.matmul_widths()) * e.element_size()
+
+    def record(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """F.linear, keeping its output."""
+        z = F.linear(x, weight, bias)
+        if not self.steps or len(self.steps[-1]) == self.per_update:
+            self.steps.append([])
+        self.steps[-1].append(z)
+        return z
+
+    def outputs(self, steps: range) -> list[torch.Tensor]:
+        """Per matmul, its outputs at positions ``steps`` of every stream, step-major [len * B, width]."""
+        return [torch.cat([self.steps[t][i] for t in steps]) for i in range(self.per_update)]
+
+
+class _KeptLinear(torch.autograd.Function):
+    """A matmul whose output was kept: forward returns it, backward is the matmul's own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g, xs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        return grad @ weight, g.T @ xs, g.sum(0), None
+
+
+def kept_linear(outputs: list[torch.Tensor]):
+    """A ``Linear`` for one context update that returns the kept ``outputs``, call by call."""
+    calls = iter(outputs)
+    return lambda x, weight, bias: _KeptLinear.apply(x, weight, bias, next(calls))
+
+
+def sequential_pass(model: NewLLM, e: torch.Tensor, start: torch.Tensor,
+                    tape: MatmulTape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence over streams e [B, L, E] from contexts ``start`` [B, C]: (inputs, outputs);
+    with a ``tape``, its matmul outputs are kept there."""
     outputs = torch.empty(*e.shape[:2], start.shape[-1], device=e.device, dtype=start.dtype)
     with torch.inference_mode():  # the per-step dispatch overhead is what this loop is made of
-        model.scan(e, start, out=outputs)
+        model.scan(e, start, out=outputs, linear=tape.record if tape is not None else F.linear)
     return shift_in(outputs, start), outputs
 
 
@@ -150,22 +203,37 @@ def first_pass(model: NewLLM, e: torch.Tensor, cfg: TrainConfig) -> torch.Tensor
     return batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
 
 
-def next_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass given the previous pass's contexts, the streams handing over: (inputs, outputs)."""
+def next_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainConfig,
+              tape: MatmulTape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass given the previous pass's contexts, the streams handing over: (inputs, outputs);
+    an exact pass keeps its matmul outputs in ``tape`` if given."""
     start = hand_over(previous)
     if cfg.phase1_mode == "exact":
-        return sequential_pass(model, e, start)
+        return sequential_pass(model, e, start, tape)
     inputs = shift_in(previous, start)
     return inputs, batched_update(model, e, inputs, cfg.phase1_chunk_tokens)
 
 
 def accumulate_gradient(model: NewLLM, e: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor,
-                        chunk_tokens: int) -> None:
-    """Add d(loss)/d(params) to .grad: recompute f(e, inputs) in chunks, backprop ``grad_outputs``."""
-    parts = zip(e.flatten(0, 1).split(chunk_tokens), inputs.flatten(0, 1).split(chunk_tokens),
-                grad_outputs.flatten(0, 1).split(chunk_tokens))
-    for e_chunk, in_chunk, g_chunk in parts:
-        model.update(e_chunk, in_chunk).backward(g_chunk)
+                        chunk_tokens: int, tape: MatmulTape | None = None) -> None:
+    """Add d(loss)/d(params) to .grad: f(e, inputs) in chunks of about ``chunk_tokens``
+    positions, backprop ``grad_outputs``. The matmuls of f are computed again, or, with the
+    ``tape`` of the pass, taken from it (chunks of whole steps then: the order the tape has)."""
+    if tape is None:
+        parts = zip(e.flatten(0, 1).split(chunk_tokens), inputs.flatten(0, 1).split(chunk_tokens),
+                    grad_outputs.flatten(0, 1).split(chunk_tokens))
+        for e_chunk, in_chunk, g_chunk in parts:
+            model.update(e_chunk, in_chunk).backward(g_chunk)
+        return
+    length, steps = e.shape[1], max(1, chunk_tokens // e.shape[0])
+    for s in range(0, length, steps):
+        window = range(s, min(s + steps, length))
+
+        def step_major(x: torch.Tensor) -> torch.Tensor:
+            return x[:, s:s + steps].transpose(0, 1).reshape(-1, x.shape[-1])
+
+        linear = kept_linear(tape.outputs(window))
+        model.update(step_major(e), step_major(inputs), linear).backward(step_major(grad_outputs))
 
 
 def loss_and_output_grad(outputs: torch.Tensor, targets: torch.Tensor, w: float, with_grad: bool = True):
@@ -236,7 +304,9 @@ def run_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainC
     training = optimizer is not None
     i = len(history) + 1
     lr = learning_rate(i, cfg) if training else 0.0
-    inputs, outputs = next_pass(model, e, previous, cfg)
+    keep = training and cfg.phase1_mode == "exact" and MatmulTape.nbytes(model, e) <= cfg.phase1_keep_gib * 2**30
+    tape = MatmulTape(model) if keep else None
+    inputs, outputs = next_pass(model, e, previous, cfg, tape)
     loss, cvfp, dist, grad = loss_and_output_grad(outputs, previous, cfg.effective_dist_reg_weight, training)
     er = effective_rank(singular_values(outputs.flatten(0, 1)))
     record = PassRecord(i, loss, cvfp, dist, converged_ratio(outputs, previous, cfg.convergence_threshold),
@@ -244,7 +314,7 @@ def run_pass(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: TrainC
     reason = stop_reason(history + [record], cfg, training)
     if training and reason is None:
         optimizer.zero_grad(set_to_none=True)
-        accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens)
+        accumulate_gradient(model, e, inputs, grad, cfg.phase1_chunk_tokens, tape)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()

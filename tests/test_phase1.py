@@ -210,3 +210,33 @@ def test_phase1_is_deterministic(mode):
     assert [r.effective_rank for r in a.history] == [r.effective_rank for r in b.history]
     fixed = phase1.fixed_contexts(model_a, ids, cfg)
     assert fixed.contexts.shape == (len(fixed.ids), 8) and 1 <= fixed.passes <= cfg.phase1_max_iter
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+def test_the_backward_from_kept_matmul_outputs_is_the_recomputed_one(arch):
+    """The exact pass keeps its matmul outputs (MatmulTape) and the backward takes them instead of
+    computing the forward again: the same gradients, in chunks of whole steps or of positions."""
+    model = small_model(arch)
+    e, previous = one_pass_state(model, num_streams=4)
+    tape = phase1.MatmulTape(model)
+    inputs, outputs = phase1.sequential_pass(model, e, phase1.hand_over(previous), tape)
+    assert len(tape.steps) == e.shape[1] and all(len(s) == len(model.matmul_widths()) for s in tape.steps)
+    assert torch.equal(outputs, phase1.sequential_pass(model, e, phase1.hand_over(previous))[1])
+    _, _, _, grad = phase1.loss_and_output_grad(outputs, previous, 0.2)
+    for chunk in (7, 1000):
+        model.zero_grad()
+        phase1.accumulate_gradient(model, e, inputs, grad, chunk)
+        recomputed = grads(model)
+        model.zero_grad()
+        phase1.accumulate_gradient(model, e, inputs, grad, chunk, tape)
+        for a, b in zip(recomputed, grads(model)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # a training pass keeps them within the budget and recomputes beyond it: the same step
+    cfg = TrainConfig(**SMALL, hidden_dim=model.cfg.hidden_dim, architecture=arch, phase1_streams=4)
+    after = []
+    for keep_gib in (1.0, 0.0):
+        m = copy.deepcopy(model)
+        phase1.run_pass(m, e, previous, replace(cfg, phase1_keep_gib=keep_gib), [], torch.optim.Adam(m.context_parameters()))
+        after.append(m.state_dict())
+    for k in after[0]:
+        torch.testing.assert_close(after[0][k], after[1][k], rtol=1e-5, atol=1e-6)
