@@ -109,9 +109,9 @@ def test_greedy_generate_is_the_step_by_step_decode_one_update_per_token(archite
     model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs), with_kwargs=True)
     update = model.newllm.update
 
-    def counted_update(e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def counted_update(e: torch.Tensor, c: torch.Tensor, *linear) -> torch.Tensor:
         updates.append(e.shape)
-        return update(e, c)
+        return update(e, c, *linear)
 
     model.newllm.update = counted_update
 
