@@ -100,18 +100,19 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame,
                      ", ".join(f"{k}={figures.fmt(best[k])}" for k in distributions))
     else:
         lines.append("No trial passed: no best configuration.")
-    lines.append(saving(trials))
+    lines.append(gate_saving_line(trials))
     return lines
 
 
-def saving(trials: pd.DataFrame) -> str:
-    """What the gate saved, as print_summary estimates it."""
+def gate_saving_line(trials: pd.DataFrame) -> str:
+    """What the gate saved, in one sentence (the search's summary and the report both print it)."""
     failed, mean_p2, saved = figures.gate_saving(trials)
     if not failed:
         return "The gate skipped no Phase 2."
+    trials_ = f"{failed} trial{'s' if failed != 1 else ''}"
     if math.isnan(saved):
-        return f"The gate skipped Phase 2 for {failed} trials (no passed trial to estimate the time saved)."
-    return (f"The gate skipped Phase 2 for {failed} trials: about {saved:.0f}s of Phase 2 compute saved "
+        return f"The gate skipped Phase 2 for {trials_} (no passed trial to estimate the time saved)."
+    return (f"The gate skipped Phase 2 for {trials_}: about {saved:.0f}s of Phase 2 compute saved "
             f"({failed} x {mean_p2:.1f}s, the mean Phase 2 time of passed trials).")
 
 
@@ -135,7 +136,7 @@ def sections(trials: pd.DataFrame, iterations: pd.DataFrame,
                          figures.gate_map_figure(trials, distributions))
                  if distributions else Section("Gate map", "", body=_note(NO_PARAMS)))
     return [*parts, *curves, Section("Time per phase", "Seconds of Phase 1, fixed-point analysis and Phase 2 per "
-                                     "trial. " + saving(trials), figures.time_figure(trials)),
+                                     "trial. " + gate_saving_line(trials), figures.time_figure(trials)),
             top_section(trials, distributions)]
 
 

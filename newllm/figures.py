@@ -355,8 +355,8 @@ PHASE_SECONDS = {"phase1_seconds": "Phase 1", "analysis_seconds": "analysis", "p
 
 
 def gate_saving(trials: pd.DataFrame) -> tuple[int, float, float]:
-    """The Phase 2 compute the gate saved, estimated as ``print_summary`` does: (gate-failed
-    trials, mean Phase 2 seconds of the passed trials, their product; NaN without a passed trial)."""
+    """The Phase 2 compute the gate saved, estimated as (gate-failed trials, mean Phase 2 seconds
+    of the passed trials, their product; NaN without a passed trial)."""
     failed = int(status_is(trials, "gate_failed").sum())
     mean_p2 = float(trials.loc[status_is(trials, "passed"), "phase2_seconds"].astype(float).mean())
     return failed, mean_p2, failed * mean_p2

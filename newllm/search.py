@@ -22,7 +22,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from newllm import __version__
-from newllm.analyze import write_report
+from newllm.analyze import gate_saving_line, write_report
 from newllm.config import add_data_arguments, data_config_from_args, data_flags, field_types
 from newllm.data import DataConfig, prepare_data
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
@@ -262,7 +262,6 @@ def print_summary(directory: str, space: SearchSpace) -> None:
     with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
         print("\n" + table.to_string(index=False))
     passed = trials[trials.status == "passed"]
-    failed = trials[trials.status == "gate_failed"]
     print(f"\n{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items()))
     if len(passed):
         best = passed.sort_values("objective").iloc[0]
@@ -278,12 +277,9 @@ def print_summary(directory: str, space: SearchSpace) -> None:
         if len(stopped):
             print(f"ASHA stopped Phase 2 of {len(stopped)} passed trials early, after {int(stopped.phase2_epochs_run.sum())} "
                   f"epochs in all; their val_ppl is their best epoch's, which their checkpoints hold")
-        mean_p2 = passed.phase2_seconds.mean()
-        if len(failed):
-            print(f"The gate skipped Phase 2 for {len(failed)} trials: about {len(failed) * mean_p2:.0f}s of Phase 2 "
-                  f"compute saved ({len(failed)} x {mean_p2:.1f}s, the mean Phase 2 time of passed trials)")
     else:
         print("No trial passed the gate: no best configuration.")
+    print(gate_saving_line(trials))
     print(f"Results: {directory}/trials.parquet, {directory}/iterations.parquet "
           f"(newllm.results.load({directory!r}))")
 

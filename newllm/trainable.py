@@ -118,7 +118,7 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: NewLLM, resume: Resu
                     checkpoint=checkpoint)
 
     def save(d: str, result: TrainResult, state: Phase2State | None = None) -> None:
-        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), replicate=replicate, **kept,
+        save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), **kept,
                    **checkpoint_record(result, state))
 
     def on_pass(r: PassRecord) -> None:
