@@ -1,7 +1,7 @@
 """ASHA on Phase 2: the Phase 2 compute it saves and what it costs in the best val perplexity.
 
 For each seed, N configurations are drawn once from the space by Optuna's seeded random sampler
-and searched twice through ``newllm.search.run_search`` (as ``points_to_evaluate``, so no sampler
+and searched twice through ``newllm.search.run_search`` (enqueued in the study, so no sampler
 chooses), on the same local Ray of as many slots as cores: ``--scheduler none``, where every
 trial runs Phase 2 to its own end, and ``--scheduler asha``. From each search's trials table:
 the total Phase 2 seconds (``phase2_seconds``, a stopped trial's up to its last epoch), the best

@@ -2,7 +2,7 @@
 persistent process pool, the least a search could cost.
 
 Both sides run the same N configurations (drawn once from the space by a seeded random sampler;
-the Tuner gets them as ``points_to_evaluate``, so no sampler chooses) with the same data, on as
+the study gets them enqueued, so no sampler chooses) with the same data, on as
 many slots as cores, one torch thread each:
 
 - **search**: ``newllm.search.run_search`` on a local Ray, as the command runs it (the Optuna

@@ -3,9 +3,13 @@
 Reads the experiment's ``trials.parquet`` and ``iterations.parquet`` (``newllm.results.load``),
 finished or still running (what has landed so far), and writes ``report.html`` (to ``--out``,
 by default the experiment directory): the figures of ``newllm.figures``, each with a caption,
-and the top trials with their configurations. The file is self-contained: plotly.js is
-embedded once, so it opens offline and can be mailed. It prints a short summary and the
-report's path. A directory that holds no results is a one-line ``error:`` and exit code 2.
+and the top trials with their configurations. Baseline trials (LSTM, GRU, transformer, in the
+same table with ``family == "baseline"``) are drawn beside New-LLM's and compared with its best
+trial at no more non-embedding parameters (``comparison_line``); the perplexity floors of the
+data (``floors.json``), where the search recorded them, are drawn as lines. The file is
+self-contained: plotly.js is embedded once, so it opens offline and can be mailed. It prints a
+short summary and the report's path. A directory that holds no results is a one-line
+``error:`` and exit code 2.
 
 ``write_report(directory)`` does the same from Python (a search calls it when it ends).
 """
@@ -29,6 +33,7 @@ import pyarrow as pa
 from plotly.offline import get_plotlyjs
 
 from newllm import figures
+from newllm.floors import floors_line, recorded_floors
 from newllm.results import load
 from newllm.space import recorded_distributions
 
@@ -76,9 +81,10 @@ def read_experiment(directory: str | os.PathLike) -> tuple[pd.DataFrame, pd.Data
 # --- what the report says ----------------------------------------------------------------
 
 
-def summary(trials: pd.DataFrame, iterations: pd.DataFrame,
-            distributions: dict[str, od.BaseDistribution]) -> list[str]:
-    """A few lines: trials by status, the best trial and configuration, the gate's saving."""
+def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[str, od.BaseDistribution],
+            floors: dict | None = None) -> list[str]:
+    """A few lines: trials by status, the best New-LLM trial and configuration, how it compares
+    with the baselines, the gate's saving and the floors (``newllm.floors.recorded_floors``)."""
     reported = set(iterations["trial_id"]) if "trial_id" in iterations else set()
     finished = set(trials["trial_id"]) if len(trials) else set()
     lines = []
@@ -87,21 +93,77 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame,
     else:
         counts = trials["status"].fillna("error").value_counts()
         lines.append(f"{len(trials)} trials finished: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        baselines = figures.baseline_trials(trials)
+        if len(baselines):
+            kinds = baselines["architecture"].fillna("?").value_counts()
+            passed = int(figures.status_is(baselines, "passed").sum())
+            lines.append(f"Of them {len(baselines)} baselines ({', '.join(f'{n} {a}' for a, n in kinds.items())}), "
+                         f"{passed} passed.")
     if reported - finished:
         lines.append(f"{len(reported - finished)} more trials have reported rows but no result (running, or the "
                      f"search stopped).")
     if trials.empty:
         return lines
-    passed = trials[figures.status_is(trials, "passed")]
+    newllm = figures.newllm_trials(trials)
+    passed = newllm[figures.status_is(newllm, "passed")]
+    which = "New-LLM trial" if len(newllm) < len(trials) else "trial"
     if len(passed):
         best = passed.sort_values("objective").iloc[0]
-        lines.append(f"Best trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
-                     f"{int(best.num_params):,} parameters; " +
-                     ", ".join(f"{k}={figures.fmt(best[k])}" for k in distributions))
+        non_embedding = best.get("num_params_non_embedding")
+        size = f"{int(best.num_params):,} parameters" + (f" ({int(non_embedding):,} non-embedding)"
+                                                         if pd.notna(non_embedding) else "")
+        lines.append(f"Best {which} {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
+                     f"{size}; " + ", ".join(f"{k}={figures.fmt(best[k])}" for k in distributions))
     else:
-        lines.append("No trial passed: no best configuration.")
+        lines.append(f"No {which} passed: no best configuration.")
+    comparison = comparison_line(trials)
+    if comparison is not None:
+        lines.append(comparison)
     lines.append(gate_saving_line(trials))
+    if floors is not None:
+        lines.append(floors_line(floors))
     return lines
+
+
+def comparison_line(trials: pd.DataFrame) -> str | None:
+    """Is New-LLM competitive at its size, in one sentence (the search's summary and the report
+    both print it): its best passed trial (lowest objective) against the best passed baseline
+    (lowest val_ppl) with no more non-embedding parameters (``figures.sizes``). None when the
+    table holds no baseline trial."""
+    trials = trials.reset_index(drop=True)  # sizes are looked up by index
+    baseline = figures.is_baseline(trials)
+    if not baseline.any():
+        return None
+    size, word = figures.sizes(trials), figures.size_label(trials)
+    known = figures.status_is(trials, "passed") & trials["val_ppl"].notna() & size.notna()
+    ok = trials[known & baseline].sort_values("val_ppl", kind="stable")
+    passed = trials[known & ~baseline].sort_values("objective", kind="stable")
+
+    def described(row: pd.Series) -> str:
+        return f"{row.architecture} {row.trial_id} (val_ppl {row.val_ppl:.2f}, {int(size[row.name]):,} {word})"
+
+    if passed.empty:
+        if ok.empty:
+            return "Neither a New-LLM nor a baseline trial passed: nothing to compare."
+        return f"No New-LLM trial passed, so there is nothing to compare; the best baseline is {described(ok.iloc[0])}."
+    best = passed.iloc[0]
+    head = f"Best New-LLM trial {best.trial_id} (val_ppl {best.val_ppl:.2f}, {int(size[best.name]):,} {word})"
+    if ok.empty:
+        tally = ", ".join(f"{n} {s}" for s, n in trials.status[baseline].fillna("error").value_counts().items())
+        return f"{head}: no baseline trial passed ({tally}), so there is nothing to compare it with."
+    fits = ok[size[ok.index] <= size[best.name]]
+    if fits.empty:
+        return (f"{head}: no passed baseline has as few {word} or fewer; the best baseline overall is "
+                f"{described(ok.iloc[0])}.")
+    rival = fits.iloc[0]
+    ratio = best.val_ppl / rival.val_ppl
+    if ratio > 1:
+        verdict = f"{rival.architecture} is better, New-LLM's val_ppl {ratio - 1:.1%} higher ({ratio:.2f}x)"
+    elif ratio < 1:
+        verdict = f"New-LLM is better, its val_ppl {1 - ratio:.1%} lower ({ratio:.2f}x)"
+    else:
+        verdict = "they tie"
+    return f"{head} against the best baseline with no more {word}, {described(rival)}: {verdict}."
 
 
 def gate_saving_line(trials: pd.DataFrame) -> str:
@@ -116,37 +178,57 @@ def gate_saving_line(trials: pd.DataFrame) -> str:
             f"({failed} x {mean_p2:.1f}s, the mean Phase 2 time of passed trials).")
 
 
-def sections(trials: pd.DataFrame, iterations: pd.DataFrame,
-             distributions: dict[str, od.BaseDistribution]) -> list[Section]:
-    """Every part of the report, in reading order; a part the data cannot support yet says so."""
+def sections(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[str, od.BaseDistribution],
+             floors: dict | None = None) -> list[Section]:
+    """Every part of the report, in reading order; a part the data cannot support yet says so.
+    The parts about Phase 1, the gate and the searched parameters read the New-LLM trials only."""
     curves = [phase1_section(trials, iterations), phase2_section(trials, iterations)]
     if trials.empty:
         return [Section("Trials", "", body=_note("No trial has finished yet: the figures below come from the rows "
                                                  "the running trials have reported.")), *curves]
-    parts = [history_section(trials), importance_section(trials, distributions)]
+    parts = [history_section(trials, floors), importance_section(trials, distributions)]
     if figures.status_is(trials, "passed").any():
-        if distributions:
+        if distributions and figures.status_is(figures.newllm_trials(trials), "passed").any():
             parts.append(slice_section(trials, distributions))
-        parts.append(Section("Perplexity against size", "Val perplexity against parameter count of the passed "
-                             "trials; the Pareto front (no other trial is both smaller and better) is joined.",
-                             figures.pareto_figure(trials)))
+        parts.append(pareto_section(trials, floors))
     parts.append(Section("Gate map", "Per bin of each searched parameter: the share of trials whose Phase 1 passed "
                          "the gate (bars, passed/trials) and their mean train and val effective-rank fractions; "
                          "dashed and dotted lines: the gate's train and val thresholds.",
                          figures.gate_map_figure(trials, distributions))
                  if distributions else Section("Gate map", "", body=_note(NO_PARAMS)))
+    which = "New-LLM trial (baselines have no Phase 1)" if figures.is_baseline(trials).any() else "trial"
     return [*parts, *curves, Section("Time per phase", "Seconds of Phase 1, fixed-point analysis and Phase 2 per "
-                                     "trial. " + gate_saving_line(trials), figures.time_figure(trials)),
+                                     f"{which}. " + gate_saving_line(trials), figures.time_figure(trials)),
             top_section(trials, distributions)]
 
 
 NO_PARAMS = "No searched parameter varies across the trials, so there is nothing to compare."
 
 
-def history_section(trials: pd.DataFrame) -> Section:
+def extras(trials: pd.DataFrame, floors: dict | None, baselines: str) -> str:
+    """The end of a caption: what ``baselines`` says where the trials hold baselines, and the
+    floors' lines where they are known."""
+    parts = [baselines] if figures.is_baseline(trials).any() else []
+    if floors is not None:
+        parts.append("Dashed lines: the unigram and bigram perplexity floors of the val tokens (no training).")
+    return "".join(" " + p for p in parts)
+
+
+def history_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
     return Section("Optimisation history", "Val perplexity of each passed trial in the order trials finished, and "
                    "the best so far; gate-failed, diverged and errored trials (penalised objective, no perplexity) "
-                   "in the lower panel.", figures.history_figure(trials))
+                   "in the lower panel." + extras(trials, floors, "Baselines (trained end to end, no gate): one "
+                                                  "marker per architecture; the best so far is New-LLM's."),
+                   figures.history_figure(trials, floors))
+
+
+def pareto_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
+    counted = ("non-embedding parameter count (every parameter but the embedding tables, nanoGPT's convention)"
+               if figures.size_label(trials) == "non-embedding parameters" else "parameter count")
+    return Section("Perplexity against size", f"Val perplexity against {counted} of the passed trials; the "
+                   "Pareto front (no other trial is both smaller and better) is joined." +
+                   extras(trials, floors, "Baselines: one marker per architecture, its own front dotted; the "
+                          "front joined in green is New-LLM's."), figures.pareto_figure(trials, floors))
 
 
 def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
@@ -161,8 +243,9 @@ def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDis
 
 
 def slice_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
-    """Optuna's slice plot of the passed trials' val perplexity."""
-    passed = trials[figures.status_is(trials, "passed")]
+    """Optuna's slice plot of the passed New-LLM trials' val perplexity."""
+    newllm = figures.newllm_trials(trials)
+    passed = newllm[figures.status_is(newllm, "passed")]
     fig = optuna.visualization.plot_slice(figures.rebuild_study(passed, passed["val_ppl"], distributions),
                                           target_name="val perplexity")
     fig.update_layout(title=None, margin=dict(t=30))
@@ -182,10 +265,13 @@ def phase2_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
     if figures.curves(iterations, "phase2", []).empty:
         return Section("Phase 2", "", body=_note("No trial has reached Phase 2."))
     return Section("Phase 2", "Val perplexity per Phase 2 epoch of each trial that passed the gate, coloured by the "
-                   "trial's status.", figures.phase2_figure(iterations, trials))
+                   "trial's status." + extras(trials, None, "Baselines (trained end to end, every epoch a Phase 2 "
+                                              "epoch): dashed, coloured by architecture."),
+                   figures.phase2_figure(iterations, trials))
 
 
-SHORT_NAMES = {"train_effective_rank_fraction": "train ER / C", "val_effective_rank_fraction": "val ER / C"}
+SHORT_NAMES = {"train_effective_rank_fraction": "train ER / C", "val_effective_rank_fraction": "val ER / C",
+               "num_params_non_embedding": "non-embedding params"}
 
 
 def top_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
@@ -234,15 +320,16 @@ def build_report(directory: str | os.PathLike,
                  distributions: dict[str, od.BaseDistribution] | None = None) -> Report:
     """The report of the experiment at ``directory``. ``distributions``: the space's searched
     parameters (``SearchSpace.params``); by default those the experiment recorded, else inferred
-    from the trials."""
+    from the New-LLM trials. The floors are those the experiment recorded, if any."""
     trials, iterations = read_experiment(directory)
     if distributions is None:
         distributions = recorded_distributions(str(directory))
     if distributions is None:  # an experiment of an earlier newllm: from the trials' configurations
         distributions = figures.infer_distributions(trials) if len(trials) else {}
+    floors = recorded_floors(str(directory))
     d = str(directory).rstrip("/")
-    return Report(d.rsplit("/", 1)[-1], d, summary(trials, iterations, distributions),
-                  sections(trials, iterations, distributions))
+    return Report(d.rsplit("/", 1)[-1], d, summary(trials, iterations, distributions, floors),
+                  sections(trials, iterations, distributions, floors))
 
 
 def save(report: Report, out: str | os.PathLike) -> Path:

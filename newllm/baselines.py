@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from newllm.phase1 import as_streams
-from newllm.phase2 import GRAD_CLIP, EpochRecord, StopReason, perplexity
+from newllm.phase2 import GRAD_CLIP, EpochRecord, Phase2Result, StopReason, perplexity
 
 Architecture = Literal["lstm", "gru", "transformer"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
@@ -152,11 +152,15 @@ def build_baseline(cfg: BaselineConfig, vocab_size: int) -> BaselineLM:
 
 
 def non_embedding_params(cfg: BaselineConfig, vocab_size: int) -> int:
-    """``num_params(non_embedding=True)`` of the model ``cfg`` describes, counted on the meta
-    device (no memory, no initialisation)."""
-    with torch.device("meta"):
-        model = TransformerLM(cfg, vocab_size) if cfg.architecture == "transformer" else RecurrentLM(cfg, vocab_size)
-    return model.num_params(non_embedding=True)
+    """``num_params(non_embedding=True)`` of the model ``cfg`` describes, by formula (size_for
+    evaluates it many times; a test holds it equal to the built model's count)."""
+    h, e, layers, head = cfg.hidden_dim, cfg.embed_dim, cfg.num_layers, cfg.hidden_dim * vocab_size + vocab_size
+    if cfg.architecture == "transformer":
+        # input projection; per layer attention (in 3d^2 + 3d, out d^2 + d), feed-forward
+        # (4d^2 + 4d, 4d^2 + d) and two LayerNorms (4d); the final LayerNorm (2d)
+        return e * h + layers * (12 * h * h + 13 * h) + 2 * h + head
+    gates = 4 if cfg.architecture == "lstm" else 3  # per layer: weights of input and state, two biases
+    return sum(gates * h * ((e if layer == 0 else h) + h + 2) for layer in range(layers)) + head
 
 
 def size_for(architecture: Architecture, target_non_embedding: int, vocab_size: int, embed_dim: int,
@@ -277,20 +281,6 @@ def baseline_stream_metrics(model: BaselineLM, ids: torch.Tensor, *, stride: int
 # --- training -----------------------------------------------------------------------------------
 
 
-@dataclass
-class BaselineResult:
-    history: list[EpochRecord]
-    best_epoch: int
-    stop_reason: StopReason
-    seconds: float
-    streams: int      # contiguous training streams side by side
-    window: int       # tokens per stream and step (bptt)
-
-    @property
-    def best(self) -> EpochRecord:
-        return self.history[self.best_epoch - 1]
-
-
 def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
@@ -349,7 +339,7 @@ def num_streams(num_tokens: int, batch_size: int, bptt: int) -> int:
 
 def train_baseline(model: BaselineLM, train_ids: torch.Tensor, val_ids: torch.Tensor, *, lr: float, epochs: int,
                    patience: int, batch_size: int, bptt: int, seed: int, stride: int | None = None,
-                   on_epoch: Callable[[EpochRecord], None] | None = None) -> BaselineResult:
+                   on_epoch: Callable[[EpochRecord, bool], None] | None = None) -> Phase2Result:
     """Train ``model`` end to end on ``train_ids`` as Phase 2 trains New-LLM; ``model`` ends
     with its best epoch's weights.
 
@@ -363,7 +353,9 @@ def train_baseline(model: BaselineLM, train_ids: torch.Tensor, val_ids: torch.Te
 
     Adam at ``lr``, gradient clip 1.0; after each epoch the val loss of
     ``baseline_stream_metrics`` (``stride`` for the transformer), early stopping after
-    ``patience`` epochs without improvement. ``seed`` fixes the dropout masks.
+    ``patience`` epochs without improvement. ``seed`` fixes the dropout masks. ``on_epoch``
+    gets each epoch's record and whether it is the best so far (the model then holds its
+    weights: what a checkpoint taken there saves).
     """
     for name, value in (("epochs", epochs), ("patience", patience), ("batch_size", batch_size), ("bptt", bptt)):
         if value < 1:
@@ -402,17 +394,19 @@ def train_baseline(model: BaselineLM, train_ids: torch.Tensor, val_ids: torch.Te
             val_loss, val_acc = baseline_stream_metrics(model, val_ids, stride=stride)
             record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val_acc, time.perf_counter() - t0)
             history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-            if not math.isfinite(val_loss) or not math.isfinite(train_loss):
-                reason = "diverged"
-                break
-            if val_loss < best_loss:
+            finite = math.isfinite(val_loss) and math.isfinite(train_loss)
+            improved = finite and val_loss < best_loss
+            if improved:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            elif epoch - best_epoch >= patience:
+            if on_epoch is not None:
+                on_epoch(record, improved)
+            if not finite:
+                reason = "diverged"
+                break
+            if not improved and epoch - best_epoch >= patience:
                 reason = "early_stopping"
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return BaselineResult(history, max(best_epoch, 1), reason, time.perf_counter() - start_time, streams, bptt)
+    return Phase2Result(history, max(best_epoch, 1), reason, time.perf_counter() - start_time, streams, bptt)

@@ -15,24 +15,36 @@ from pathlib import Path
 
 import torch
 
+from newllm.baselines import BaselineConfig, BaselineLM, build_baseline
+from newllm.config import BASELINE_ARCHITECTURES
 from newllm.model import ModelConfig, NewLLM
 
 MODEL_FILE = "model.pt"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def save_model(directory: str | os.PathLike, model: NewLLM, tokenizer_json: str, **extra) -> None:
-    """Write weights, model config, ``extra`` (e.g. the train config, Phase 1 history) and tokenizer."""
+def save_model(directory: str | os.PathLike, model: NewLLM | BaselineLM, tokenizer_json: str, **extra) -> None:
+    """Write weights, model config, ``extra`` (e.g. the train config, Phase 1 history) and
+    tokenizer. A baseline's model config is its ``BaselineConfig`` with ``vocab_size`` (its
+    ``architecture`` says it is one)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = model.cfg.to_dict()
+    if isinstance(model, BaselineLM):
+        config["vocab_size"] = model.head.out_features
     tmp = d / (MODEL_FILE + ".tmp")
-    torch.save({"model_config": model.cfg.to_dict(), "state_dict": state, **extra}, tmp)
+    torch.save({"model_config": config, "state_dict": state, **extra}, tmp)
     os.replace(tmp, d / MODEL_FILE)
     (d / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
 
 
-def load_model(directory: str | os.PathLike, device: str = "cpu") -> tuple[NewLLM, dict]:
+def is_baseline(model_config: dict) -> bool:
+    """Whether a saved model config is a baseline's (not a New-LLM model)."""
+    return model_config.get("architecture") in BASELINE_ARCHITECTURES
+
+
+def load_model(directory: str | os.PathLike, device: str = "cpu") -> tuple[NewLLM | BaselineLM, dict]:
     """The model saved in ``directory`` and the whole saved record (configs, extras); ValueError
     naming the file if it is not a checkpoint ``save_model`` wrote."""
     path = Path(directory) / MODEL_FILE
@@ -52,7 +64,12 @@ def load_model(directory: str | os.PathLike, device: str = "cpu") -> tuple[NewLL
             and isinstance(record.get("state_dict"), dict)):
         raise ValueError(f"{bad}: it lacks the model_config and state_dict that save_model writes")
     try:
-        model = NewLLM(ModelConfig(**record["model_config"]))
+        config = dict(record["model_config"])
+        if is_baseline(config):
+            vocab_size = config.pop("vocab_size")
+            model = build_baseline(BaselineConfig(**config), vocab_size)
+        else:
+            model = NewLLM(ModelConfig(**config))
         model.load_state_dict(record["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{bad}: its model_config or state_dict is invalid: {' '.join(str(e).split())}") from e

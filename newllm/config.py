@@ -9,50 +9,77 @@ keys, and a trial's config is ``TrainConfig(**params)``: one vocabulary.
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Literal
+
+import torch
 
 from newllm.data import DataConfig
-from newllm.model import ARCHITECTURES, ModelConfig
+from newllm.model import ARCHITECTURES, ModelConfig, NewLLM
+
+if TYPE_CHECKING:
+    from newllm.baselines import BaselineConfig
+
+# standard language models trained end to end, to compare New-LLM with (newllm.baselines)
+BASELINE_ARCHITECTURES = ("lstm", "gru", "transformer")
+Family = Literal["newllm", "baseline"]
 
 PHASE1_MODES = ("exact", "jacobi")
 # earlier name of the Jacobi mode, still accepted
 PHASE1_MODE_ALIASES = {"parallel": "jacobi"}
 
 
-def _f(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+def _f(default, help: str, family: Family | None = None, **extra):
+    """A field; ``family``: the one model family it means something to (None: both)."""
+    return field(default=default, metadata={"help": help, "family": family, **extra})
+
+
+def _n(default, help: str, **extra):
+    return _f(default, help, "newllm", **extra)
+
+
+def _b(default, help: str, **extra):
+    return _f(default, help, "baseline", **extra)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # model architecture
-    architecture: str = _f("residual", "context update: residual (seed 002) or gated (seed 000)", choices=ARCHITECTURES)
-    context_dim: int = _f(256, "context vector dimension C")
+    architecture: str = _f("residual", "New-LLM's context update: residual (seed 002) or gated (seed 000); or a "
+                                       "baseline trained end to end: lstm, gru or transformer",
+                           choices=ARCHITECTURES + BASELINE_ARCHITECTURES)
+    context_dim: int = _n(256, "context vector dimension C")
     embed_dim: int = _f(256, "token embedding dimension E")
-    hidden_dim: int = _f(512, "hidden layer dimension H (residual needs H == C + E)")
-    num_layers: int = _f(4, "number of context-update layers")
+    hidden_dim: int = _f(512, "hidden layer dimension H (residual needs H == C + E; a baseline's LSTM/GRU "
+                              "hidden size or transformer width)")
+    num_layers: int = _f(4, "number of context-update layers (a baseline's recurrent or transformer layers)")
+    # baselines only
+    context_window: int = _b(64, "transformer baseline: most tokens it attends to (val: a sliding window)")
+    num_heads: int = _b(2, "transformer baseline: attention heads (must divide hidden_dim; its width steps by them)")
+    dropout: float = _b(0.0, "baselines: dropout")
     # Phase 1 (CVFP)
-    phase1_max_iter: int = _f(10, "maximum Phase 1 training passes")
-    phase1_min_iter: int = _f(3, "a converged stop counts from this pass on (pass 1 compares untrained weights)")
-    phase1_lr_warmup: float = _f(0.002, "Phase 1 LR for passes 1-3")
-    phase1_lr_medium: float = _f(0.0005, "Phase 1 LR for passes 4-8")
-    phase1_lr_finetune: float = _f(0.0001, "Phase 1 LR from pass 9 on")
-    dist_reg_weight: float = _f(0.2, "distribution-regulariser weight w: loss = (1-w)*cvfp + w*dist")
-    dist_reg: bool = _f(True, "distribution regularisation (--no-dist-reg sets w = 0)")
-    convergence_threshold: float = _f(0.02, "a token is converged when MSE to its previous-pass context < this")
-    min_converged_ratio: float = _f(0.95, "Phase 1 succeeds when this fraction of tokens converged")
-    collapse_patience: int = _f(3, "stop Phase 1 after this many passes with train ER below the gate")
-    phase1_mode: str = _f("exact", "exact: the sequential recurrence; jacobi (alias parallel): every position at "
+    phase1_max_iter: int = _n(10, "maximum Phase 1 training passes")
+    phase1_min_iter: int = _n(3, "a converged stop counts from this pass on (pass 1 compares untrained weights)")
+    phase1_lr_warmup: float = _n(0.002, "Phase 1 LR for passes 1-3")
+    phase1_lr_medium: float = _n(0.0005, "Phase 1 LR for passes 4-8")
+    phase1_lr_finetune: float = _n(0.0001, "Phase 1 LR from pass 9 on")
+    dist_reg_weight: float = _n(0.2, "distribution-regulariser weight w: loss = (1-w)*cvfp + w*dist")
+    dist_reg: bool = _n(True, "distribution regularisation (--no-dist-reg sets w = 0)")
+    convergence_threshold: float = _n(0.02, "a token is converged when MSE to its previous-pass context < this")
+    min_converged_ratio: float = _n(0.95, "Phase 1 succeeds when this fraction of tokens converged")
+    collapse_patience: int = _n(3, "stop Phase 1 after this many passes with train ER below the gate")
+    phase1_mode: str = _n("exact", "exact: the sequential recurrence; jacobi (alias parallel): every position at "
                                    "once from the previous pass's contexts",
                           choices=PHASE1_MODES + tuple(PHASE1_MODE_ALIASES))
-    phase1_streams: int = _f(128, "B contiguous chunks of the stream processed side by side, each >= 128 "
+    phase1_streams: int = _n(128, "B contiguous chunks of the stream processed side by side, each >= 128 "
                                   "tokens (fewer on short streams; 1 = the seed's single stream)")
-    phase1_chunk_tokens: int = _f(4096, "tokens per batched backward chunk (bounds memory)")
-    phase1_keep_gib: float = _f(4.0, "GiB for keeping the sequential pass's matmul outputs, so that the backward "
+    phase1_chunk_tokens: int = _n(4096, "tokens per batched backward chunk (bounds memory)")
+    phase1_keep_gib: float = _n(4.0, "GiB for keeping the sequential pass's matmul outputs, so that the backward "
                                       "need not compute them again (a pass that needs more recomputes; 0 = always)")
     # gate
-    gate_train_er: float = _f(0.20, "Phase 2 needs train effective rank >= this fraction of C")
-    gate_val_er: float = _f(0.08, "Phase 2 needs val effective rank >= this fraction of C")
+    gate_train_er: float = _n(0.20, "Phase 2 needs train effective rank >= this fraction of C")
+    gate_val_er: float = _n(0.08, "Phase 2 needs val effective rank >= this fraction of C")
     # Phase 2 (token prediction)
     phase2_lr: float = _f(0.0001, "Phase 2 learning rate")
     phase2_epochs: int = _f(10, "maximum Phase 2 epochs")
@@ -60,12 +87,18 @@ class TrainConfig:
                                     "(shuffled positions with freeze_context)")
     phase2_bptt: int = _f(8, "Phase 2 truncated-backpropagation window (tokens) through the recurrence")
     phase2_patience: int = _f(3, "Phase 2 early-stopping patience (epochs without val improvement)")
-    skip_phase2: bool = _f(False, "run Phase 1 only")
-    freeze_context: bool = _f(False, "train only the token head in Phase 2 (context layers frozen)")
+    skip_phase2: bool = _n(False, "run Phase 1 only")
+    freeze_context: bool = _n(False, "train only the token head in Phase 2 (context layers frozen)")
     seed: int = _f(42, "random seed: same seed, same numbers")
 
     def __post_init__(self) -> None:
-        self.model_config(vocab_size=1)  # raises on a dimension combination the model rejects
+        if self.family == "newllm":
+            self.model_config(vocab_size=1)  # raises on a dimension combination the model rejects
+        else:
+            self.baseline_config()
+            if self.architecture == "transformer" and self.phase2_bptt > self.context_window:
+                raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= context_window "
+                                 f"({self.context_window}) for the transformer baseline")
         positive = ("phase1_max_iter", "phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
                     "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience")
         for name in positive:
@@ -86,6 +119,16 @@ class TrainConfig:
             raise ValueError(f"phase1_mode must be one of {PHASE1_MODES}, got {self.phase1_mode!r}")
 
     @property
+    def family(self) -> Family:
+        return "baseline" if self.architecture in BASELINE_ARCHITECTURES else "newllm"
+
+    def ignored(self) -> list[str]:
+        """The settings this run ignores: those that differ from their defaults but mean
+        nothing to its family (a baseline has no Phase 1 or gate; New-LLM no dropout)."""
+        return [f.name for f in fields(self) if f.metadata["family"] not in (None, self.family)
+                and getattr(self, f.name) != f.default]
+
+    @property
     def effective_dist_reg_weight(self) -> float:
         return self.dist_reg_weight if self.dist_reg else 0.0
 
@@ -93,8 +136,36 @@ class TrainConfig:
         return ModelConfig(vocab_size=vocab_size, context_dim=self.context_dim, embed_dim=self.embed_dim,
                            hidden_dim=self.hidden_dim, num_layers=self.num_layers, architecture=self.architecture)
 
+    def non_embedding_params(self, vocab_size: int) -> int:
+        """``num_params(non_embedding=True)`` of the model this config builds, counted on the
+        meta device (no memory, no initialisation)."""
+        if self.family == "baseline":
+            from newllm.baselines import non_embedding_params
+
+            return non_embedding_params(self.baseline_config(), vocab_size)
+        return _newllm_non_embedding_params(self.model_config(vocab_size))
+
+    def baseline_config(self) -> BaselineConfig:
+        from newllm.baselines import BaselineConfig
+
+        return BaselineConfig(self.architecture, self.embed_dim, self.hidden_dim, self.num_layers,
+                              self.context_window, self.num_heads, self.dropout, self.seed)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@functools.cache
+def _newllm_non_embedding_params(model_config: ModelConfig) -> int:
+    """Counted on the meta device (no memory, no initialisation); cached, as a search space's
+    check asks for the same sizes many times."""
+    with torch.device("meta"):
+        return NewLLM(model_config).num_params(non_embedding=True)
+
+
+def family_fields(family: Family) -> list[str]:
+    """The TrainConfig fields that mean something to ``family``."""
+    return [f.name for f in fields(TrainConfig) if f.metadata["family"] in (None, family)]
 
 
 def field_types() -> dict[str, type]:

@@ -1,7 +1,8 @@
 """``python -m newllm.export``: a search trial's model as a Hugging Face Transformers directory.
 
 Picks a trial from ``<experiment dir>/trials.parquet`` (``--best``: the lowest objective among
-passed trials; ``--trial ID``: that trial) and exports its final checkpoint with
+passed New-LLM trials; ``--trial ID``: that trial; a baseline trial is refused, it is not a
+New-LLM model) and exports its final checkpoint with
 ``newllm.hf.export_checkpoint``, so that after ``import newllm.hf``
 ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)`` load
 it. An experiment directory that was moved or renamed since the search still works: a stored
@@ -43,10 +44,10 @@ def pick_trial(trials: pd.DataFrame, trial_id: str | None) -> pd.Series:
             known = ", ".join(f"{r.trial_id} ({r.status})" for r in trials.itertuples())
             raise ValueError(f"unknown trial id {trial_id!r}; the experiment's trials are: {known}")
         return rows.iloc[0]
-    passed = trials[trials.status == "passed"]
+    passed = trials[(trials.status == "passed") & (trials.get("family", "newllm") == "newllm")]
     if passed.empty:
         counts = ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items())
-        raise ValueError(f"--best: no trial passed ({counts}); pick one with --trial ID")
+        raise ValueError(f"--best: no New-LLM trial passed ({counts}); pick one with --trial ID")
     return passed.sort_values("objective").iloc[0]
 
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         if trials.empty:
             raise ValueError(f"no trial of {str(experiment)!r} has finished yet: nothing to export")
         row = pick_trial(trials, args.trial)
+        if row.get("family", "newllm") == "baseline":
+            raise ValueError(f"trial {row.trial_id} is a {row.architecture} baseline, not a New-LLM model: only "
+                             f"New-LLM trials export to the newllm model type (its weights are in {row.checkpoint_path})")
         checkpoint = find_checkpoint(row, experiment)
         try:
             from newllm.hf import export_checkpoint

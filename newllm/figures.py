@@ -9,6 +9,12 @@ distributions inferred from the trials' configuration columns (``infer_distribut
 
 Penalised trials (gate failed, diverged, errored) have no perplexity: they are drawn apart
 from the passed ones, never as their 1e6 / 1e7 objective.
+
+Baseline trials (``family == "baseline"``: an LSTM, GRU or transformer trained end to end) have
+no Phase 1, gate or New-LLM configuration: the figures of those (importance, gate map, Phase 1,
+time, the gate's saving) read the New-LLM trials only, and the others draw the baselines apart,
+one marker per architecture. Sizes are compared on the non-embedding parameter count
+(``sizes``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ MIN_IMPORTANCE_TRIALS = 4  # fewer trials give no meaningful importance
 TOP_TRIALS = 5             # PED-ANOVA's "good" trials: at least this many where the trials allow
 MAX_BINS = 5               # a numeric parameter's bins in the gate map
 HEIGHT = 420
+# colour and marker symbol of each baseline architecture (any other: BASELINE_OTHER)
+BASELINE_STYLES = {"lstm": ("#9467bd", "triangle-up"), "gru": ("#8c564b", "square"),
+                   "transformer": ("#17becf", "diamond")}
+BASELINE_OTHER = ("#333333", "star")
+FLOOR_STYLES = {"unigram_ppl": ("unigram floor", "#7f7f7f"), "bigram_ppl": ("bigram floor", "#404040")}
 
 
 def status_is(trials: pd.DataFrame, status: str) -> pd.Series:
@@ -45,6 +56,61 @@ def fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+# --- families and sizes ------------------------------------------------------------------
+
+
+def is_baseline(trials: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the baseline trials (an experiment without a ``family`` column has none)."""
+    if "family" not in trials:
+        return pd.Series(False, index=trials.index)
+    return trials["family"].eq("baseline").fillna(False).astype(bool)
+
+
+def newllm_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The New-LLM trials: the only ones with a Phase 1, a gate and New-LLM's configuration."""
+    return trials[~is_baseline(trials)]
+
+
+def baseline_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The baseline trials (LSTM, GRU, transformer trained end to end), New-LLM's yardstick."""
+    return trials[is_baseline(trials)]
+
+
+def sizes(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's size as sizes are compared: ``num_params_non_embedding`` (every parameter but
+    the embedding tables, nanoGPT's convention), ``num_params`` where an experiment (or a row)
+    predates it."""
+    if "num_params_non_embedding" not in trials:
+        return trials["num_params"].astype(float)
+    return trials["num_params_non_embedding"].astype(float).fillna(trials["num_params"].astype(float))
+
+
+def size_label(trials: pd.DataFrame) -> str:
+    """What ``sizes`` counts, as an axis title."""
+    return "non-embedding parameters" if "num_params_non_embedding" in trials else "parameters"
+
+
+def by_architecture(baselines: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Baseline rows per architecture, by name (none without rows: an old table has no
+    ``architecture`` to group by)."""
+    return list(baselines.groupby("architecture", sort=True)) if len(baselines) else []
+
+
+def baseline_style(architecture: str) -> tuple[str, str]:
+    """(colour, marker symbol) of a baseline architecture, the same in every figure."""
+    return BASELINE_STYLES.get(architecture, BASELINE_OTHER)
+
+
+def add_floors(fig: go.Figure, floors: dict | None, **where) -> None:
+    """The perplexity floors (``newllm.floors.recorded_floors``; None: not known) as labelled
+    dashed horizontal lines, in the subplot ``where`` (row=, col=) names."""
+    for key, (label, color) in FLOOR_STYLES.items():
+        if floors and floors.get(key) is not None:
+            fig.add_hline(y=float(floors[key]), line_dash="dash", line_color=color, line_width=1,
+                          annotation_text=f"{label} {floors[key]:.4g}", annotation_position="top left",
+                          annotation_font_color=color, **where)
+
+
 # --- the study, rebuilt ------------------------------------------------------------------
 
 
@@ -52,7 +118,9 @@ def infer_distributions(trials: pd.DataFrame) -> dict[str, od.BaseDistribution]:
     """The searched parameters as far as the trials show them: every TrainConfig column whose
     value varies across trials, numeric over its observed min..max, strings and booleans as
     categories. ``hidden_dim`` is left out where it is ``context_dim + embed_dim`` in every
-    trial: the space's rule when it is not searched, so it follows the searched dimensions."""
+    trial: the space's rule when it is not searched, so it follows the searched dimensions.
+    New-LLM trials only: a baseline's architecture and null configuration are no searched value."""
+    trials = newllm_trials(trials)
     derived_hidden = {"hidden_dim", "context_dim", "embed_dim"} <= set(trials) and \
         (trials.hidden_dim == trials.context_dim + trials.embed_dim).all()
     distributions: dict[str, od.BaseDistribution] = {}
@@ -102,32 +170,52 @@ def _python(value):
 
 def history(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per trial, in the order they finished (``number`` from 1): ``trial_id``,
-    ``status``, ``objective``, ``value`` (the objective of a passed trial, NaN for a penalised
-    one) and ``best``, the lowest value so far (NaN before the first passed trial)."""
+    ``status``, ``baseline`` (bool), ``architecture``, ``objective``, ``value`` (the objective of a
+    passed trial, NaN for a penalised one) and ``best``, the lowest value so far of the New-LLM
+    trials (NaN before the first passed one)."""
     objective = trials["objective"].astype(float).reset_index(drop=True)
     value = objective.where(status_is(trials, "passed").to_numpy())
+    baseline = is_baseline(trials).to_numpy()
+    architecture = trials["architecture"].to_numpy() if "architecture" in trials else [None] * len(trials)
     return pd.DataFrame({"number": np.arange(1, len(trials) + 1), "trial_id": trials["trial_id"].to_numpy(),
-                         "status": trials["status"].fillna("error").to_numpy(), "objective": objective,
-                         "value": value, "best": value.cummin().ffill()})
+                         "status": trials["status"].fillna("error").to_numpy(), "baseline": baseline,
+                         "architecture": architecture, "objective": objective, "value": value,
+                         "best": value.where(~baseline).cummin().ffill()})
 
 
-def history_figure(trials: pd.DataFrame) -> go.Figure:
-    """Objective of each passed trial and the best so far; below, in their own panel, the
-    gate-failed, diverged and errored trials at the moment they finished."""
+def hover_names(h: pd.DataFrame) -> pd.Series:
+    """Each trial's id as hovers name it, a baseline's with its architecture."""
+    return h.trial_id.where(~h.baseline, h.trial_id + ", " + h.architecture.astype(str) + " baseline")
+
+
+def history_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure:
+    """Objective of each passed trial, the New-LLM best so far, each baseline architecture's
+    passed trials as its own markers and the floors (when known) as dashed lines; below, in
+    their own panel, the gate-failed, diverged and errored trials at the moment they finished."""
     h = history(trials)
     penalised = h[h.status.isin(PENALISED)]
     rows = 2 if len(penalised) else 1
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22][:rows], vertical_spacing=0.05)
-    ok = h[h.status == "passed"]
-    fig.add_trace(go.Scatter(x=ok.number, y=ok.value, mode="markers", name="passed trial",
+    ok = h[(h.status == "passed") & ~h.baseline]
+    newllm = "New-LLM " if h.baseline.any() else ""
+    fig.add_trace(go.Scatter(x=ok.number, y=ok.value, mode="markers", name=f"{newllm}passed trial",
                              marker=dict(color=STATUS_COLORS["passed"], size=9), text=ok.trial_id,
                              hovertemplate="trial %{x} (%{text})<br>val_ppl %{y:.4g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=h.number, y=h.best, mode="lines", line_shape="hv", name="best so far",
+    fig.add_trace(go.Scatter(x=h.number, y=h.best, mode="lines", line_shape="hv", name=f"{newllm}best so far",
                              line=dict(color="black", width=1.5)), row=1, col=1)
+    for architecture, base in by_architecture(h[(h.status == "passed") & h.baseline]):
+        color, symbol = baseline_style(architecture)
+        fig.add_trace(go.Scatter(x=base.number, y=base.value, mode="markers", name=f"{architecture} (baseline)",
+                                 legendgroup=architecture, text=hover_names(base),
+                                 marker=dict(color=color, symbol=symbol, size=10, line=dict(width=1, color="white")),
+                                 hovertemplate="trial %{x} (%{text})<br>val_ppl %{y:.4g}<extra></extra>"),
+                      row=1, col=1)
+    add_floors(fig, floors, row=1, col=1)
     for status, bad in penalised.groupby("status", sort=False):
         label = status.replace("_", " ")
-        fig.add_trace(go.Scatter(x=bad.number, y=[label] * len(bad), mode="markers", name=label, text=bad.trial_id,
-                                 customdata=bad.objective, marker=dict(color=STATUS_COLORS.get(status, "black"), size=10, symbol="x"),
+        fig.add_trace(go.Scatter(x=bad.number, y=[label] * len(bad), mode="markers", name=label,
+                                 text=hover_names(bad), customdata=bad.objective,
+                                 marker=dict(color=STATUS_COLORS.get(status, "black"), size=10, symbol="x"),
                                  hovertemplate="trial %{x} (%{text})<br>objective %{customdata:.4g}<extra></extra>"),
                       row=2, col=1)
     if rows == 2:
@@ -157,7 +245,8 @@ def objective_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseD
                          ) -> tuple[dict[str, float] | None, str]:
     """Importance of each parameter for a low val perplexity among the passed trials (the good
     ones: the best TOP_TRIALS, at least a tenth and at most half), or None and why it cannot be
-    computed."""
+    computed. New-LLM trials only."""
+    trials = newllm_trials(trials)
     passed = trials[status_is(trials, "passed")]
     if not distributions:
         return None, "no searched parameter varies across the trials"
@@ -171,7 +260,8 @@ def gate_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseDistri
                     ) -> tuple[dict[str, float] | None, str]:
     """Importance of each parameter for passing (status ``passed``) over all trials, or None and
     why it cannot be computed. The target is 0 for a passed trial and 1 otherwise, and the
-    quantile selects exactly the passed trials."""
+    quantile selects exactly the passed trials. New-LLM trials only (a baseline has no gate)."""
+    trials = newllm_trials(trials)
     passed = status_is(trials, "passed")
     k, n = int(passed.sum()), len(trials)
     if not distributions:
@@ -210,20 +300,33 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
     return ~(no_worse & better).any(axis=1)
 
 
-def pareto_figure(trials: pd.DataFrame) -> go.Figure:
-    """Val perplexity against parameter count for the passed trials, the non-dominated ones
-    joined as the front."""
-    passed = trials[status_is(trials, "passed")].dropna(subset=["val_ppl", "num_params"])
-    points = passed[["num_params", "val_ppl"]].astype(float).to_numpy()
-    front = pareto_front(points) if len(points) else np.zeros(0, dtype=bool)
+def pareto_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure:
+    """Val perplexity against size (``sizes``) for the passed New-LLM trials, the non-dominated
+    ones joined as the front; each baseline architecture's passed trials as its own markers, its
+    front dotted; the floors (when known) as dashed lines."""
+    passed = trials.assign(size=sizes(trials))[status_is(trials, "passed")].dropna(subset=["val_ppl", "size"])
+    word = size_label(trials)
+    hover = f"%{{text}}<br>%{{x:,}} {word}<br>val_ppl %{{y:.4g}}<extra></extra>"
+    newllm = passed[~is_baseline(passed)]
+    front = pareto_front(newllm[["size", "val_ppl"]].to_numpy()) if len(newllm) else np.zeros(0, dtype=bool)
     fig = go.Figure()
     for mask, name, color in ((~front, "dominated", "#aaaaaa"), (front, "Pareto front", STATUS_COLORS["passed"])):
-        sel = passed[mask].sort_values("num_params")
-        fig.add_trace(go.Scatter(x=sel.num_params, y=sel.val_ppl, mode="markers+lines" if name != "dominated"
+        sel = newllm[mask].sort_values("size")
+        fig.add_trace(go.Scatter(x=sel["size"], y=sel.val_ppl, mode="markers+lines" if name != "dominated"
                                  else "markers", name=name, text=sel.trial_id, line_shape="hv",
-                                 marker=dict(color=color, size=9),
-                                 hovertemplate="%{text}<br>%{x:,} parameters<br>val_ppl %{y:.4g}<extra></extra>"))
-    fig.update_layout(height=HEIGHT, margin=dict(t=30), xaxis_title="parameters", yaxis_title="val perplexity")
+                                 marker=dict(color=color, size=9), hovertemplate=hover))
+    for architecture, base in by_architecture(passed[is_baseline(passed)]):
+        color, symbol = baseline_style(architecture)
+        base = base.sort_values("size")
+        fig.add_trace(go.Scatter(x=base["size"], y=base.val_ppl, mode="markers", name=f"{architecture} (baseline)",
+                                 legendgroup=architecture, text=base.trial_id, hovertemplate=hover,
+                                 marker=dict(color=color, symbol=symbol, size=10, line=dict(width=1, color="white"))))
+        own = base[pareto_front(base[["size", "val_ppl"]].to_numpy())]
+        fig.add_trace(go.Scatter(x=own["size"], y=own.val_ppl, mode="lines", line_shape="hv", legendgroup=architecture,
+                                 name=f"{architecture} front", showlegend=False, hoverinfo="skip",
+                                 line=dict(color=color, dash="dot", width=1.5)))
+    add_floors(fig, floors)
+    fig.update_layout(height=HEIGHT, margin=dict(t=30), xaxis_title=word, yaxis_title="val perplexity")
     return fig
 
 
@@ -248,7 +351,8 @@ def bins(values: pd.Series, distribution: od.BaseDistribution) -> pd.Categorical
 def gate_table(trials: pd.DataFrame, name: str, distribution: od.BaseDistribution) -> pd.DataFrame:
     """Per bin of parameter ``name`` that holds trials: ``trials``, ``passed`` (trials whose
     Phase 1 passed the gate), ``pass_rate`` and the mean train / val effective-rank fractions
-    (``train_er``, ``val_er``, over the trials that reached the analysis)."""
+    (``train_er``, ``val_er``, over the trials that reached the analysis). New-LLM trials only."""
+    trials = newllm_trials(trials)
     frame = pd.DataFrame({"bin": bins(trials[name], distribution),
                           "gate": trials["gate_passed"].fillna(False).astype(bool).to_numpy(),
                           "train_er": trials["train_effective_rank_fraction"].astype(float).to_numpy(),
@@ -261,7 +365,9 @@ def gate_table(trials: pd.DataFrame, name: str, distribution: od.BaseDistributio
 
 def gate_map_figure(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> go.Figure:
     """One panel per searched parameter: the gate pass rate (bars) and the mean train and val
-    effective-rank fractions (markers) per bin, with the gate's thresholds where they are fixed."""
+    effective-rank fractions (markers) per bin, with the gate's thresholds where they are fixed.
+    New-LLM trials only."""
+    trials = newllm_trials(trials)
     names = list(distributions)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
@@ -311,24 +417,37 @@ def trial_status(trials: pd.DataFrame, trial_ids) -> list[str]:
     return [known.get(t, "running") for t in trial_ids]
 
 
+def curve_style(trial_id: str, status: str, architecture: str | None) -> tuple[str, str, str, str, str]:
+    """(legend group, legend name, colour, dash, hover name) of a trial's curve: by its status, a
+    baseline's (``architecture`` given) dashed, by its architecture."""
+    if architecture is None:
+        return status, status.replace("_", " "), STATUS_COLORS.get(status, "black"), "solid", trial_id
+    return (architecture, f"{architecture} (baseline)", baseline_style(architecture)[0], "dash",
+            f"{trial_id}, {architecture} baseline, {status.replace('_', ' ')}")
+
+
 def curves_figure(iterations: pd.DataFrame, trials: pd.DataFrame, phase: str, columns: dict[str, str],
                   step_label: str) -> go.Figure:
     """One panel per column of ``columns`` (name -> axis title), one line per trial over the
-    steps of ``phase``, coloured by the trial's status."""
+    steps of ``phase``, coloured by the trial's status; a baseline's dashed, coloured by its
+    architecture."""
     data = curves(iterations, phase, list(columns))
     fig = make_subplots(rows=1, cols=len(columns), horizontal_spacing=0.1)
     trial_ids = list(dict.fromkeys(data.trial_id))
+    base = baseline_trials(trials)
+    architectures = dict(zip(base["trial_id"], base["architecture"])) if "architecture" in base else {}
     shown: set[str] = set()
     for trial_id, status in zip(trial_ids, trial_status(trials, trial_ids)):
         rows = data[data.trial_id == trial_id]
+        group, name, color, dash, who = curve_style(trial_id, status, architectures.get(trial_id))
         for col, column in enumerate(columns, start=1):
             y = rows[column].astype(float).where(np.isfinite(rows[column].astype(float)))
-            fig.add_trace(go.Scatter(x=rows.step, y=y, mode="lines+markers", name=status.replace("_", " "),
-                                     legendgroup=status, showlegend=status not in shown,
-                                     line=dict(color=STATUS_COLORS.get(status, "black"), width=1.5), marker=dict(size=5),
-                                     hovertemplate=f"{trial_id}<br>{step_label} %{{x}}: %{{y:.4g}}<extra></extra>"),
+            fig.add_trace(go.Scatter(x=rows.step, y=y, mode="lines+markers", name=name, legendgroup=group,
+                                     showlegend=group not in shown, line=dict(color=color, width=1.5, dash=dash),
+                                     marker=dict(size=5),
+                                     hovertemplate=f"{who}<br>{step_label} %{{x}}: %{{y:.4g}}<extra></extra>"),
                           row=1, col=col)
-            shown.add(status)
+            shown.add(group)
     last = int(data.step.max()) if len(data) else 1
     for col, title in enumerate(columns.values(), start=1):
         fig.update_yaxes(title_text=title, row=1, col=col)
@@ -356,14 +475,17 @@ PHASE_SECONDS = {"phase1_seconds": "Phase 1", "analysis_seconds": "analysis", "p
 
 def gate_saving(trials: pd.DataFrame) -> tuple[int, float, float]:
     """The Phase 2 compute the gate saved, estimated as (gate-failed trials, mean Phase 2 seconds
-    of the passed trials, their product; NaN without a passed trial)."""
+    of the passed trials, their product; NaN without a passed trial). New-LLM trials only: a
+    baseline has no gate, and its Phase 2 time is another model's."""
+    trials = newllm_trials(trials)
     failed = int(status_is(trials, "gate_failed").sum())
     mean_p2 = float(trials.loc[status_is(trials, "passed"), "phase2_seconds"].astype(float).mean())
     return failed, mean_p2, failed * mean_p2
 
 
 def time_figure(trials: pd.DataFrame) -> go.Figure:
-    """Seconds per phase of each trial, stacked, in the order they finished."""
+    """Seconds per phase of each New-LLM trial, stacked, in the order they finished."""
+    trials = newllm_trials(trials)
     fig = go.Figure()
     for column, label in PHASE_SECONDS.items():
         fig.add_trace(go.Bar(y=trials["trial_id"], x=trials[column].astype(float).fillna(0.0), name=label,
@@ -376,20 +498,31 @@ def time_figure(trials: pd.DataFrame) -> go.Figure:
 # --- top trials --------------------------------------------------------------------------
 
 
-RESULT_COLUMNS = ["trial_id", "status", "val_ppl", "val_acc", "num_params", "train_effective_rank_fraction",
-                  "val_effective_rank_fraction", "phase1_passes"]
+RESULT_COLUMNS = ["trial_id", "status", "val_ppl", "val_acc", "num_params", "num_params_non_embedding",
+                  "train_effective_rank_fraction", "val_effective_rank_fraction", "phase1_passes"]
 
 
 def top_trials(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution], n: int = 10) -> pd.DataFrame:
     """The ``n`` trials of lowest objective (penalised ones last), with results and the searched
-    parameters."""
-    columns = [c for c in [*RESULT_COLUMNS, *distributions] if c in trials]
+    parameters; with baselines among the trials, each one's family and architecture."""
+    family = ["family", "architecture"] if is_baseline(trials).any() else []
+    columns = [c for c in dict.fromkeys([*RESULT_COLUMNS[:2], *family, *RESULT_COLUMNS[2:], *distributions])
+               if c in trials]
     top = trials.sort_values("objective", kind="stable", na_position="last").head(n)
     table = top[columns].reset_index(drop=True)
     if "replicates" in trials and trials.replicates.gt(1).any():
         # replicates: the objective is their mean; val_ppl is replicate 0's (the saved model's)
-        spread = [f"{m:.2f} ± {sd:.2f} ({int(k)}/{int(r)} passed)" if pd.notna(sd) else
-                  (f"{m:.2f} ({int(k)}/{int(r)} passed)" if pd.notna(m) else f"0/{int(r)} passed")
-                  for m, sd, k, r in zip(top.val_ppl_mean, top.val_ppl_std, top.replicates_passed, top.replicates)]
+        spread = [_spread(m, sd, k, r) for m, sd, k, r in
+                  zip(top.val_ppl_mean, top.val_ppl_std, top.replicates_passed, top.replicates)]
         table.insert(table.columns.get_loc("val_ppl") + 1, "val_ppl mean ± std", spread)
     return table
+
+
+def _spread(mean, std, passed, replicates) -> str:
+    """A trial's val_ppl over its replicates; empty for a trial without them (one that errored)."""
+    if pd.isna(replicates):
+        return ""
+    if pd.isna(mean):
+        return f"0/{int(replicates)} passed"
+    std = f" ± {std:.2f}" if pd.notna(std) else ""
+    return f"{mean:.2f}{std} ({int(passed)}/{int(replicates)} passed)"

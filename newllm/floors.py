@@ -8,6 +8,7 @@ token t + 1 from nothing, the bigram from token t. Counts come from the train st
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
@@ -83,3 +84,36 @@ def bigram_ppl(train_ids: torch.Tensor | Sequence[int], val_ids: torch.Tensor | 
     strength = k * vocab_size
     probs = (pair_c + strength * prior[val[1:]]) / (first_c + strength)
     return _perplexity(probs.log())
+
+
+# what an experiment directory keeps of the floors of its data (the search writes it when it starts)
+FLOORS_FILE = "floors.json"
+
+
+def floors(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int) -> dict:
+    """The floors of a data split: ``unigram_ppl`` and ``bigram_ppl`` on its val tokens, with
+    their pseudo-counts."""
+    return {"unigram_ppl": unigram_ppl(train_ids, val_ids, vocab_size),
+            "bigram_ppl": bigram_ppl(train_ids, val_ids, vocab_size), "unigram_k": UNIGRAM_K, "bigram_k": BIGRAM_K}
+
+
+def record_floors(experiment: str, values: dict) -> None:
+    """Keep ``floors`` of the search's data in the experiment directory, for the report."""
+    from newllm.results import write_file
+
+    write_file(f"{experiment}/{FLOORS_FILE}", json.dumps(values, indent=1).encode())
+
+
+def recorded_floors(experiment: str) -> dict | None:
+    """The floors kept in the experiment directory; None for an experiment without them."""
+    from newllm.results import read_file
+
+    data = read_file(f"{experiment}/{FLOORS_FILE}")
+    return None if data is None else json.loads(data)
+
+
+def floors_line(values: dict) -> str:
+    """The floors in one sentence (the search's summary and the report both print it)."""
+    return (f"Floors on the val tokens, from train-token counts (no training): unigram perplexity "
+            f"{values['unigram_ppl']:.2f}, bigram {values['bigram_ppl']:.2f} (add-k, k = {values['bigram_k']:g}, with a "
+            f"unigram prior): a model that does not beat them learned only word statistics.")

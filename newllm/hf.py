@@ -175,7 +175,10 @@ def hf_tokenizer(tokenizer_json: str) -> PreTrainedTokenizerFast:
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the newllm checkpoint in ``checkpoint_dir`` to ``out_dir`` as a Hugging Face
     directory (model, generation config and tokenizer); returns ``out_dir``."""
-    core, _ = load_model(checkpoint_dir)
+    core, record = load_model(checkpoint_dir)
+    if not isinstance(core, NewLLM):
+        raise ValueError(f"{str(checkpoint_dir)!r} holds a {record['model_config']['architecture']} baseline, not a "
+                         f"New-LLM model: only New-LLM models export to the newllm model type")
     tokenizer_path = Path(checkpoint_dir) / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {str(checkpoint_dir)!r}: the checkpoint lacks its tokenizer")

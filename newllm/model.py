@@ -111,8 +111,12 @@ class NewLLM(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(cfg.context_dim, cfg.vocab_size)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, non_embedding: bool = False) -> int:
+        """All parameters; with ``non_embedding`` all but the token embedding table (the
+        context-update layers, the embedding LayerNorm and the head count), the count a
+        baseline's size is matched on."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.token_embedding.weight.numel() if non_embedding else total
 
     def context_parameters(self) -> list[nn.Parameter]:
         """The parameters Phase 1 trains: the context-update layers (embeddings stay frozen)."""

@@ -19,6 +19,9 @@ def _banner(title: str) -> None:
 
 
 def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str, threads: int) -> None:
+    if cfg.family == "baseline":
+        print_baseline_configuration(cfg, data_cfg, data, device, threads)
+        return
     _banner(f"New-LLM {cfg.architecture} architecture")
     print("Model Architecture:")
     print(f"   Layers: {cfg.num_layers}")
@@ -33,10 +36,27 @@ def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData,
     w = cfg.effective_dist_reg_weight
     print(f"   Distribution Reg: weight={w} ({1 - w:.0%} CVFP, {w:.0%} Dist)" if w else "   Distribution Reg: off")
     print(f"   Gate: train ER >= {cfg.gate_train_er:.0%} of C, val ER >= {cfg.gate_val_er:.0%} of C")
+    print_data(cfg, data_cfg, data, device, threads)
+
+
+def print_data(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str, threads: int) -> None:
     print("\nData Settings:")
     print(f"   Source: {data_cfg.source}  ({data.num_train_docs} train / {data.num_val_docs} val documents)")
     print(f"   Tokens: {len(data.train_ids):,} train / {len(data.val_ids):,} val, vocab {data.vocab_size}")
     print(f"   Device: {device}, {threads} CPU threads, seed {cfg.seed}")
+    if cfg.ignored():
+        print(f"   Ignored by the {cfg.architecture} architecture: "
+              + ", ".join(f"{k}={getattr(cfg, k)}" for k in cfg.ignored()))
+
+
+def print_baseline_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str,
+                                 threads: int) -> None:
+    _banner(f"Baseline: {cfg.architecture} language model, trained end to end (no Phase 1, no gate)")
+    print(f"   Layers: {cfg.num_layers}\n   Embed dim: {cfg.embed_dim}\n   Hidden dim: {cfg.hidden_dim}")
+    if cfg.architecture == "transformer":
+        print(f"   Context window: {cfg.context_window} tokens, {cfg.num_heads} heads")
+    print(f"   Dropout: {cfg.dropout}")
+    print_data(cfg, data_cfg, data, device, threads)
 
 
 def print_phase1_header() -> None:
@@ -95,14 +115,16 @@ def print_gate(result) -> None:
 
 def print_result(result) -> None:
     """How the run ended: divergence, Phase 2's best epoch, status and objective."""
-    if result.train_analysis is None:
+    if result.phase1 is not None and result.train_analysis is None:
         _banner(f"DIVERGED after {result.phase1.passes} Phase 1 passes (non-finite loss or contexts)")
     p2 = result.phase2
     if p2 is not None:
-        mode = "head only" if result.config.freeze_context else f"{p2.streams} streams x {p2.window}-token windows"
+        mode = "head only" if result.config.freeze_context and result.phase1 is not None else \
+            f"{p2.streams} streams x {p2.window}-token windows"
         print(f"\nPhase 2 ({mode}): {len(p2.history)} epochs ({p2.stop_reason}) in {p2.seconds:.1f}s; "
               f"best epoch {p2.best_epoch}")
-        print(f"Final model, reading the val stream from zero context: val_loss={result.val_loss:.4f}, "
+        reading = "in sliding windows" if result.config.architecture == "transformer" else "from zero context"
+        print(f"Final model, reading the val stream {reading}: val_loss={result.val_loss:.4f}, "
               f"val_ppl={result.val_ppl:.2f}, val_acc={result.val_acc:.1%}")
         if result.final_analysis is not None:
             print(f"Final weights: effective rank {result.final_analysis.effective_rank_fraction:.1%} of C, "

@@ -1,7 +1,9 @@
-"""One New-LLM training run: Phase 1, fixed-point analysis, gate, Phase 2.
+"""One training run: for New-LLM Phase 1, fixed-point analysis, gate, Phase 2; for a baseline
+(``newllm.baselines``: LSTM, GRU, transformer) end-to-end training alone, its Phase 2.
 
 ``train`` is the one implementation: the single-run command (``python -m newllm.train``), the
-search's trainable and the tests all call it.
+search's trainable and the tests all call it. A baseline's summary has the same columns, with
+the Phase 1, analysis and gate ones null.
 
 The objective (minimised, ``objective``): the val perplexity of a passed run's final model. A
 run that fails the gate scores ``GATE_PENALTY * (2 - train ER fraction)`` (between 1e6 and
@@ -23,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from newllm.baselines import BaselineLM, baseline_stream_metrics, build_baseline, num_streams, train_baseline
 from newllm.config import TrainConfig
 from newllm.data import TokenData
 from newllm.metrics import FixedPointAnalysis, GateResult, analyse_fixed_points, gate
@@ -39,6 +42,7 @@ from newllm.phase2 import (
 )
 
 Status = Literal["passed", "gate_failed", "diverged"]
+Model = NewLLM | BaselineLM
 
 GATE_PENALTY = 1e6
 DIVERGED_PENALTY = 1e7
@@ -58,7 +62,8 @@ def objective(status: Status, *, val_ppl: float | None = None, train_er_fraction
 # The trials table's columns that a run's summary fills, with their pandas dtypes (nullable:
 # null where the run did not get that far). ``TrainResult.summary`` must produce exactly these.
 SUMMARY_DTYPES = {
-    "status": "string", "objective": "float64", "num_params": "Int64",
+    "family": "string", "status": "string", "objective": "float64", "num_params": "Int64",
+    "num_params_non_embedding": "Int64",
     "phase1_passes": "Int64", "phase1_stop_reason": "string", "converged_ratio": "float64",
     "fixed_passes": "Int64", "val_fixed_passes": "Int64", "val_converged_ratio": "float64",
     "train_effective_rank": "float64", "train_effective_rank_fraction": "float64",
@@ -94,7 +99,8 @@ class TrainResult:
     config: TrainConfig
     status: Status
     num_params: int
-    phase1: Phase1Result
+    num_params_non_embedding: int
+    phase1: Phase1Result | None   # None for a baseline
     train_analysis: FixedPointAnalysis | None = None
     val_analysis: FixedPointAnalysis | None = None
     fixed_passes: int | None = None       # frozen-weight passes to the train fixed contexts
@@ -119,14 +125,16 @@ class TrainResult:
 
     def summary(self) -> dict:
         """Flat, JSON-ready record of the run: one row of a search's trials table."""
-        a, v, p2, f = self.train_analysis, self.val_analysis, self.phase2, self.final_analysis
+        a, v, p1, p2, f = self.train_analysis, self.val_analysis, self.phase1, self.phase2, self.final_analysis
         row = {
+            "family": self.config.family,
             "status": self.status,
             "objective": self.objective,
             "num_params": self.num_params,
-            "phase1_passes": self.phase1.passes,
-            "phase1_stop_reason": self.phase1.stop_reason,
-            "converged_ratio": self.phase1.converged_ratio,
+            "num_params_non_embedding": self.num_params_non_embedding,
+            "phase1_passes": p1.passes if p1 else None,
+            "phase1_stop_reason": p1.stop_reason if p1 else None,
+            "converged_ratio": p1.converged_ratio if p1 else None,
             "fixed_passes": self.fixed_passes,
             "val_fixed_passes": self.val_fixed_passes,
             "val_converged_ratio": self.val_converged_ratio,
@@ -145,7 +153,7 @@ class TrainResult:
             "val_acc": self.val_acc,
             "final_effective_rank_fraction": f.effective_rank_fraction if f else None,
             "final_converged_ratio": self.final_converged_ratio,
-            "phase1_seconds": self.phase1.seconds,
+            "phase1_seconds": p1.seconds if p1 else None,
             "analysis_seconds": self.seconds.get("analysis"),
             "phase2_seconds": p2.seconds if p2 else None,
             "final_analysis_seconds": self.seconds.get("final_analysis"),
@@ -196,12 +204,13 @@ class Resume:
 @dataclass
 class EpochReport:
     """A Phase 2 epoch as a caller sees it: its record; the run as it ends if stopped now
-    (``TrainResult.stopped_after``); and, when the epoch is the best so far (the model holds
-    its weights), the state that resumes Phase 2 after it."""
+    (``TrainResult.stopped_after``); whether it is the best so far; and then, for New-LLM, the
+    state that resumes Phase 2 after it."""
 
     record: EpochRecord
     if_stopped: TrainResult
-    state: Phase2State | None
+    best: bool                   # the best epoch so far: the model holds its weights
+    state: Phase2State | None    # New-LLM's, when best; a baseline restarts instead
 
 
 def phase1_record(p1: Phase1Result) -> dict:
@@ -210,7 +219,10 @@ def phase1_record(p1: Phase1Result) -> dict:
 
 def checkpoint_record(result: TrainResult, state: Phase2State | None = None) -> dict:
     """What a search checkpoint saves beside the weights to resume ``result``'s run: Phase 1's
-    record; after a Phase 2 epoch also the analysis and the Phase 2 state."""
+    record; after a Phase 2 epoch also the analysis and the Phase 2 state (nothing for a
+    baseline, which has no Phase 1 and starts again)."""
+    if result.phase1 is None:  # a baseline: it restarts, and its state is its weights
+        return {}
     record = {"phase1": phase1_record(result.phase1)}
     if state is not None:
         record.update(analysis=result.analysis_record(), phase2=state.to_dict())
@@ -226,23 +238,29 @@ def resume_from(record: dict) -> Resume:
     return Resume(phase1, record["analysis"], Phase2State.from_dict(record["phase2"]))
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device: str = "cpu") -> NewLLM:
-    """The run's freshly initialised model; the same seed gives the same weights."""
+def build_model(cfg: TrainConfig, vocab_size: int, device: str = "cpu") -> Model:
+    """The run's freshly initialised model (New-LLM or a baseline); the same seed gives the
+    same weights."""
+    if cfg.family == "baseline":
+        return build_baseline(cfg.baseline_config(), vocab_size).to(device)
     torch.manual_seed(cfg.seed)
     return NewLLM(cfg.model_config(vocab_size)).to(device)
 
 
-def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, resume: Resume | None = None,
+def train(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | None = None,
           on_pass: Callable[[PassRecord], None] | None = None,
           on_gate: Callable[[TrainResult], None] | None = None,
           on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
     """Run Phase 1, the analysis, the gate and Phase 2, or what is left of them after
-    ``resume`` (``model`` then holds the checkpoint's weights). ``model`` ends with its final
-    (best) weights."""
+    ``resume`` (``model`` then holds the checkpoint's weights); a baseline (``cfg.family``)
+    trains end to end instead, from the start (``on_pass`` and ``on_gate`` are not called).
+    ``model`` ends with its final (best) weights."""
+    if cfg.family == "baseline":
+        return train_baseline_run(cfg, data, model, on_epoch=on_epoch)
     device = model.head.weight.device
     train_ids, val_ids = data.train_ids.to(device), data.val_ids.to(device)
     phase1 = resume.phase1 if resume is not None else train_phase1(model, train_ids, cfg, on_pass=on_pass)
-    result = TrainResult(cfg, "diverged", model.num_params(), phase1)
+    result = TrainResult(cfg, "diverged", model.num_params(), model.num_params(non_embedding=True), phase1)
     if phase1.stop_reason == "diverged":
         return result
 
@@ -282,7 +300,8 @@ def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, resume: Resume | 
     def epoch_done(record: EpochRecord, state: Phase2State | None) -> None:
         history.append(record)
         if on_epoch is not None:
-            on_epoch(EpochReport(record, result.stopped_after(history, time.perf_counter() - p2_start, layout), state))
+            on_epoch(EpochReport(record, result.stopped_after(history, time.perf_counter() - p2_start, layout),
+                                 state is not None, state))
 
     result.phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=epoch_done, resume=phase2_state)
     # measured again on the weights the run ends with (and saves): what a user of the model gets
@@ -294,6 +313,34 @@ def train(cfg: TrainConfig, data: TokenData, model: NewLLM, *, resume: Resume | 
             result.final_analysis = analyse_fixed_points(final.contexts, seed=cfg.seed)
             result.final_converged_ratio = final.converged_ratio
         result.seconds["final_analysis"] = time.perf_counter() - t0
+    if result.phase2.stop_reason == "diverged" or not result.val_ppl < GATE_PENALTY:
+        result.status = "diverged"
+    return result
+
+
+def train_baseline_run(cfg: TrainConfig, data: TokenData, model: BaselineLM, *,
+                       on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
+    """A baseline's run: ``newllm.baselines.train_baseline`` with the Phase 2 settings (lr,
+    epochs, patience, batch = streams x ``phase2_bptt`` window), measured on the val stream
+    as every model is, then again on the weights it ends with."""
+    device = next(model.parameters()).device
+    train_ids, val_ids = data.train_ids.to(device), data.val_ids.to(device)
+    result = TrainResult(cfg, "passed", model.num_params(), model.num_params(non_embedding=True), None)
+    history: list[EpochRecord] = []
+    p2_start = time.perf_counter()
+    layout = (num_streams(len(train_ids), cfg.phase2_batch_size, cfg.phase2_bptt), cfg.phase2_bptt)
+
+    def epoch_done(record: EpochRecord, best: bool) -> None:
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(EpochReport(record, result.stopped_after(history, time.perf_counter() - p2_start, layout),
+                                 best, None))
+
+    result.phase2 = train_baseline(model, train_ids, val_ids, lr=cfg.phase2_lr, epochs=cfg.phase2_epochs,
+                                   patience=cfg.phase2_patience, batch_size=cfg.phase2_batch_size,
+                                   bptt=cfg.phase2_bptt, seed=cfg.seed, on_epoch=epoch_done)
+    # measured again on the weights the run ends with (and saves): what a user of the model gets
+    result.val_loss, result.val_acc = baseline_stream_metrics(model, val_ids)
     if result.phase2.stop_reason == "diverged" or not result.val_ppl < GATE_PENALTY:
         result.status = "diverged"
     return result

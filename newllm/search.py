@@ -1,4 +1,5 @@
-"""``python -m newllm.search``: a Ray Tune + Optuna search over New-LLM configurations.
+"""``python -m newllm.search``: a Ray Tune + Optuna search over New-LLM configurations, and
+with ``--baselines`` over LSTM, GRU and transformer baselines at matched sizes.
 
 Everything is checked before anything starts (exit code 2, nothing written): options, the
 search-space file, the data. Data is prepared once here in the driver and shared with the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -19,15 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from newllm import __version__
-from newllm.analyze import gate_saving_line, write_report
-from newllm.config import add_data_arguments, data_config_from_args, data_flags, field_types
+from newllm.analyze import comparison_line, gate_saving_line, write_report
+from newllm.config import (
+    BASELINE_ARCHITECTURES,
+    add_data_arguments,
+    data_config_from_args,
+    data_flags,
+    family_fields,
+    field_types,
+)
 from newllm.data import DataConfig, prepare_data
+from newllm.floors import floors, floors_line, record_floors, recorded_floors
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
 from newllm.space import (
+    MATCHED,
     SPACE_FILE,
+    Baselines,
     SearchSpace,
     builtin_spaces,
     load_space,
@@ -71,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asha: stop a passing trial's Phase 2 when its val perplexity is clearly worse than other "
                         "trials' at the same epoch; none: every trial runs Phase 2 to its own end "
                         "(default: asha; none with --repeats > 1)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also train LSTM, GRU and transformer baselines, one of each per New-LLM trial at its "
+                        "non-embedding parameter count (within 10%%), each architecture's learning rate from its "
+                        "own study (default: when the space has a baselines section)")
     p.add_argument("--repeats", type=int,
                    help="runs of each sampled configuration, seeds seed, seed + 1, ...: Optuna gets their mean "
                         "objective (default: the space's repeats, else 1)")
@@ -142,7 +160,8 @@ def versions() -> dict:
             "ray_version": ray.__version__, "optuna_version": optuna.__version__}
 
 
-CONFIG_DTYPES = {int: "int64", float: "float64", bool: "bool", str: "string"}
+# nullable: a setting that means nothing to a trial's family (a baseline's context_dim) is null
+CONFIG_DTYPES = {int: "Int64", float: "float64", bool: "boolean", str: "string"}
 
 
 def outcome(result: dict) -> dict | None:
@@ -165,7 +184,9 @@ class TrialRow:
     versions. ``node_id`` and ``hostname`` say where its final result came from; ``node_ids``
     lists the node of each attempt (comma-separated, in order: more than one when a lost node or
     a restarted driver made Tune run it again) and ``phase1_restored`` whether the attempt that
-    finished started from the Phase 1 checkpoint instead of running Phase 1."""
+    finished started from the Phase 1 checkpoint instead of running Phase 1. The settings that
+    mean nothing to the trial's family are null; a baseline's ``matched_trial_id`` names the
+    New-LLM trial it was sized to."""
 
     space: SearchSpace
     versions: dict
@@ -179,14 +200,17 @@ class TrialRow:
         where = {"trial_seconds": result.get("time_total_s"), "node_id": result.get("node_id"),
                  "hostname": result.get("hostname"), "node_ids": ",".join(node_ids), "attempts": len(node_ids),
                  "phase1_restored": result.get("phase1_restored")}
-        return {"trial_id": trial.trial_id, **summary, **where, **self.space.trial_config(trial.config).to_dict(),
+        cfg = self.space.trial_config(trial.config)
+        settings = {k: v if k in family_fields(cfg.family) else None for k, v in cfg.to_dict().items()}
+        return {"trial_id": trial.trial_id, **summary, **where, **settings, MATCHED: trial.config.get(MATCHED),
                 "checkpoint_path": checkpoint.path if checkpoint is not None else None, **self.versions}
 
     @staticmethod
     def dtypes() -> dict[str, str]:
         return {"trial_id": "string", **SUMMARY_DTYPES, **REPLICATE_DTYPES, "trial_seconds": "float64", "node_id": "string",
                 "hostname": "string", "node_ids": "string", "attempts": "Int64", "phase1_restored": "boolean",
-                "checkpoint_path": "string", **{name: CONFIG_DTYPES[t] for name, t in field_types().items()}}
+                "checkpoint_path": "string", **{name: CONFIG_DTYPES[t] for name, t in field_types().items()},
+                MATCHED: "string"}
 
 
 class Progress(Callback):
@@ -198,7 +222,7 @@ class Progress(Callback):
         self.latest: dict[str, dict] = {}
         self.finished: dict[str, str] = {}
         self.stopped: set[str] = set()  # passed trials whose Phase 2 ASHA stopped
-        self.best: tuple[float, str] | None = None
+        self.best: dict[str, tuple[float, str]] = {}  # family -> (objective, who) of its best passed trial
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.latest[trial.trial_id] = result
@@ -211,8 +235,10 @@ class Progress(Callback):
         if result.get("phase2_stop_reason") == "scheduler":
             self.stopped.add(trial.trial_id)
         self.latest.pop(trial.trial_id, None)
-        if result["status"] == "passed" and (self.best is None or result["objective"] < self.best[0]):
-            self.best = (result["objective"], trial.trial_id)
+        family = result.get("family") or NEWLLM
+        if result["status"] == "passed" and (family not in self.best or result["objective"] < self.best[family][0]):
+            who = trial.trial_id if family == NEWLLM else f"{trial.config.get('architecture')} {trial.trial_id}"
+            self.best[family] = (result["objective"], who)
         self.print_line()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -228,7 +254,10 @@ class Progress(Callback):
         done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         if self.stopped:
             done += f"; Phase 2 of {len(self.stopped)} stopped early by ASHA"
-        best = f"best val_ppl {self.best[0]:.2f} ({self.best[1]})" if self.best else "no passed trial yet"
+        best = f"best val_ppl {self.best[NEWLLM][0]:.2f} ({self.best[NEWLLM][1]})" if NEWLLM in self.best \
+            else "no passed New-LLM trial yet"
+        if "baseline" in self.best:
+            best += f" | best baseline {self.best['baseline'][0]:.2f} ({self.best['baseline'][1]})"
         print(f"[{time.monotonic() - self.start:6.0f}s] {len(self.finished)}/{self.total} finished"
               f"{' (' + done + ')' if done else ''} | {best}", flush=True)
         for tid, r in self.latest.items():
@@ -256,16 +285,20 @@ def print_summary(directory: str, space: SearchSpace) -> None:
 
     trials, _ = load(directory)
     searched = list(space.params)
+    family = trials.family if "family" in trials else pd.Series(NEWLLM, index=trials.index)
     cols = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction", "phase2_epochs_run",
             "val_ppl", "objective"]
+    if space.baselines is not None:  # the baselines' own columns, after their architecture
+        cols = [*cols[:2], "architecture", *cols[2:], "num_params_non_embedding", *space.baselines.params]
+        cols = list(dict.fromkeys(cols))
     table = trials.sort_values("objective")[[c for c in cols if c in trials]]
     with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
         print("\n" + table.to_string(index=False))
-    passed = trials[trials.status == "passed"]
+    passed = trials[(trials.status == "passed") & (family == NEWLLM)]
     print(f"\n{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items()))
     if len(passed):
         best = passed.sort_values("objective").iloc[0]
-        print(f"Best trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
+        print(f"Best New-LLM trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
               f"{int(best.num_params):,} parameters")
         if best.replicates > 1:
             spread = f" ± {best.val_ppl_std:.2f}" if pd.notna(best.val_ppl_std) else ""
@@ -273,13 +306,22 @@ def print_summary(directory: str, space: SearchSpace) -> None:
                   f"{best.val_ppl_mean:.2f}{spread} over the {best.replicates_passed} that passed; the figures "
                   f"above are replicate 0's, the saved model's")
         print("Best configuration: " + ", ".join(f"{k}={_fmt(best[k])}" for k in searched))
-        stopped = passed[passed.phase2_stop_reason == "scheduler"]
-        if len(stopped):
-            print(f"ASHA stopped Phase 2 of {len(stopped)} passed trials early, after {int(stopped.phase2_epochs_run.sum())} "
-                  f"epochs in all; their val_ppl is their best epoch's, which their checkpoints hold")
+
     else:
-        print("No trial passed the gate: no best configuration.")
+        print("No New-LLM trial passed the gate: no best configuration.")
+    stopped = trials[trials.phase2_stop_reason == "scheduler"]
+    if len(stopped):
+        of = f" ({', '.join(f'{n} {f}' for f, n in family[stopped.index].value_counts().items())})" \
+            if space.baselines is not None else ""
+        print(f"ASHA stopped Phase 2 of {len(stopped)} passed trials early{of}, after "
+              f"{int(stopped.phase2_epochs_run.sum())} epochs in all; their val_ppl is their best epoch's, which "
+              f"their checkpoints hold")
     print(gate_saving_line(trials))
+    comparison = comparison_line(trials)
+    if comparison:
+        print(comparison)
+    if floor_values := recorded_floors(directory):
+        print(floors_line(floor_values))
     print(f"Results: {directory}/trials.parquet, {directory}/iterations.parquet "
           f"(newllm.results.load({directory!r}))")
 
@@ -308,15 +350,22 @@ def main(argv: list[str] | None = None) -> int:
         elif given and (diff := space_differences(space, space_from_args(args))):
             raise ValueError(f"--resume continues with {exp_dir}/{SPACE_FILE}, the space this experiment recorded, "
                              f"but {', '.join(given)} give another ({', '.join(diff)} differ): drop them")
+        if args.baselines and space.baselines is None:
+            if args.resume:
+                raise ValueError("--resume continues the experiment as it was recorded: --baselines cannot add "
+                                 "baselines to it")
+            space = dataclasses.replace(space, baselines=Baselines())
         if args.scheduler == "asha" and space.repeats > 1:
             raise ValueError(f"--scheduler asha compares one run per trial at each Phase 2 epoch, but each trial "
                              f"runs {space.repeats} (repeats): use --scheduler none")
         data_cfg = DataConfig(**space.data)
         storage = optuna_storage(args, exp_dir)
-        if not args.resume and study_exists(storage, args.name):
-            raise ValueError(f"the Optuna storage {storage} already holds a study named {args.name!r}: choose "
+        taken = [s for s in study_names(args.name, space).values() if study_exists(storage, s)]
+        if not args.resume and taken:
+            raise ValueError(f"the Optuna storage {storage} already holds a study named {taken[0]!r}: choose "
                              f"another --name, or another --optuna-storage")
         data = prepare_data(data_cfg)
+        space.check_baselines(data.vocab_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -324,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     num_trials = args.num_trials or space.num_trials
     print(f"newllm {__version__} search '{args.name}': {num_trials} trials of {space.path} "
           f"({', '.join(space.params)}), objectives {space.objectives}")
+    if space.baselines is not None:
+        print(baselines_line(space, num_trials))
     print(f"Data: {data_cfg.source}, {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, "
           f"vocab {data.vocab_size}")
+    data_floors = floors(data.train_ids, data.val_ids, data.vocab_size)
+    print(floors_line(data_floors))
 
     import ray
 
@@ -351,10 +404,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.resume:
         record_space(exp_dir, space)
+        record_floors(exp_dir, data_floors)
     run_search(args, space, data, num_trials, concurrency, exp_dir, storage=storage)
     print_summary(exp_dir, space)
     print(f"Report: {write_report(exp_dir, distributions=space.params)}")
     return 0
+
+
+def baselines_line(space: SearchSpace, num_trials: int) -> str:
+    """What the baselines of a search are, and which of its settings they ignore."""
+    b = space.baselines
+    ignored = sorted(k for k in (*space.params, *space.fixed) if k not in family_fields("baseline"))
+    return (f"Baselines: {num_trials} trials each of {', '.join(b.architectures)}, one per New-LLM trial at its "
+            f"non-embedding parameter count (within 10%), each architecture searching "
+            f"{', '.join(space.baselines.params) or 'nothing'} in its own study; they take the New-LLM trial's "
+            f"shared settings and ignore {', '.join(ignored) or 'no setting of the space'} (New-LLM only)")
 
 
 def space_from_args(args: argparse.Namespace) -> SearchSpace:
@@ -372,7 +436,7 @@ def space_from_args(args: argparse.Namespace) -> SearchSpace:
 
 def space_differences(a: SearchSpace, b: SearchSpace) -> list[str]:
     """The sections (params.x, fixed.x, data.x, objectives, repeats) in which two spaces differ."""
-    diff = [name for name in ("objectives", "repeats") if getattr(a, name) != getattr(b, name)]
+    diff = [name for name in ("objectives", "repeats", "baselines") if getattr(a, name) != getattr(b, name)]
     for section in ("params", "fixed", "data"):
         x, y = getattr(a, section), getattr(b, section)
         diff += [f"{section}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
@@ -456,19 +520,117 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+NEWLLM = "newllm"
+
+
+def kind(config: dict) -> str:
+    """``newllm``, or a baseline trial's architecture: the study that proposes a trial and the
+    ASHA that compares it."""
+    architecture = config.get("architecture")
+    return architecture if architecture in BASELINE_ARCHITECTURES else NEWLLM
+
+
+def kinds(space: SearchSpace) -> list[str]:
+    return [NEWLLM, *(space.baselines.architectures if space.baselines else ())]
+
+
+def study_names(name: str, space: SearchSpace) -> dict[str, str]:
+    """Each kind's Optuna study: the experiment's name for New-LLM, ``<name>-<architecture>`` for a baseline."""
+    return {k: name if k == NEWLLM else f"{name}-{k}" for k in kinds(space)}
+
+
+class FamilySearch(Searcher):
+    """The search's trials in turns: a New-LLM trial from the New-LLM study, then, with baselines,
+    one trial of each baseline architecture, sized to that New-LLM trial (``space.baseline_trial``)
+    with what its own study proposes (its learning rate). Every kind gets the same number of
+    trials, and each study learns from its own trials only."""
+
+    def __init__(self, searchers: dict[str, Searcher], space: SearchSpace, vocab_size: int, metric, mode):
+        super().__init__(metric=metric, mode=mode)
+        self.searchers, self.space, self.vocab_size = searchers, space, vocab_size
+        self.turn = 0                              # trials proposed so far
+        self.owner: dict[str, str] = {}            # trial id -> kind
+        self.matched: tuple[str, dict] | None = None  # the latest New-LLM trial: id, sampled values
+
+    def suggest(self, trial_id: str):
+        kind_ = list(self.searchers)[self.turn % len(self.searchers)]
+        config = self.searchers[kind_].suggest(trial_id)
+        if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
+            return config
+        self.turn += 1
+        self.owner[trial_id] = kind_
+        if kind_ == NEWLLM:
+            self.matched = (trial_id, config)
+            return config
+        matched_id, matched = self.matched
+        return {**self.space.baseline_trial(kind_, matched, config, self.vocab_size), MATCHED: matched_id}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class FamilyScheduler(FIFOScheduler):
+    """One scheduler per kind (New-LLM, each baseline architecture): a trial is compared only with
+    trials of its own kind."""
+
+    def __init__(self, schedulers: dict[str, FIFOScheduler]):
+        super().__init__()
+        self.schedulers = schedulers
+
+    def of(self, trial) -> FIFOScheduler:
+        return self.schedulers[kind(trial.config)]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self.of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self.of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{k}: {s.debug_string()}" for k, s in self.schedulers.items())
+
+
 def max_phase2_epochs(space: SearchSpace) -> int:
-    """The most Phase 2 epochs a trial of ``space`` can run."""
+    """The most Phase 2 epochs a trial of ``space`` can run (a baseline's own setting included)."""
     import optuna.distributions as od
 
+    def most(d) -> int:
+        return max(d.choices) if isinstance(d, od.CategoricalDistribution) else int(d.high)
+
     d = space.params.get("phase2_epochs")
-    if d is None:
-        return space.trial_config({}).phase2_epochs
-    return max(d.choices) if isinstance(d, od.CategoricalDistribution) else int(d.high)
+    epochs = [most(d) if d is not None else space.trial_config({}).phase2_epochs]
+    if space.baselines is not None:
+        own = space.baselines.params.get("phase2_epochs")
+        epochs.append(most(own) if own is not None else space.baselines.fixed.get("phase2_epochs", 0))
+    return max(epochs)
 
 
 def scheduler(name: str | None, space: SearchSpace):
     """The trial scheduler of ``--scheduler`` (None: asha, or none when a trial runs replicates):
-    ASHA over Phase 2 epochs, or None (FIFO). Its time
+    an ASHA over Phase 2 epochs per kind (New-LLM, each baseline architecture), or None (FIFO). Its time
     is ``phase2_epoch``, which only Phase 2 rows carry, so Phase 1 passes and the analysis are
     never rungs and a gate-failed trial is never stopped by it. Its metric ``objective`` is a
     trial's best val perplexity so far. A trial that reaches its last epoch is never cut
@@ -478,15 +640,17 @@ def scheduler(name: str | None, space: SearchSpace):
     from ray.tune.schedulers import ASHAScheduler
 
     max_t = max(max_phase2_epochs(space), ASHA_GRACE_EPOCHS)
-    return ASHAScheduler(time_attr="phase2_epoch", metric="objective", mode="min", max_t=max_t,
-                         grace_period=ASHA_GRACE_EPOCHS, reduction_factor=ASHA_REDUCTION, stop_last_trials=False)
+    return FamilyScheduler({k: ASHAScheduler(time_attr="phase2_epoch", metric="objective", mode="min", max_t=max_t,
+                                             grace_period=ASHA_GRACE_EPOCHS, reduction_factor=ASHA_REDUCTION,
+                                             stop_last_trials=False) for k in kinds(space)})
 
 
 def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int, exp_dir: str,
                points: list[dict] | None = None, storage: str | None = None) -> None:
-    """Run the search's trials; ``points``: configurations to try first, in order (benchmarks
-    give the same ones to every side); ``storage``: the Optuna study's (``optuna_storage``),
-    in memory if None."""
+    """Run the search's trials: ``num_trials`` New-LLM trials, and as many of each baseline
+    architecture when the space has baselines; ``points``: New-LLM configurations to try first,
+    in order, after the space's own (benchmarks give the same ones to every side); ``storage``: the Optuna studies'
+    (``optuna_storage``), in memory if None."""
     import optuna
     from ray import tune
 
@@ -498,22 +662,29 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if args.resume:
         if storage is not None:
-            fail_left_running(open_storage(storage), args.name)
+            for study in study_names(args.name, space).values():
+                fail_left_running(open_storage(storage), study)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
         metrics = space.metrics
-        sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True)
-        searcher = StudySearch(space=space.params, metric=metrics if len(metrics) > 1 else metrics[0],
-                               mode=["min"] * len(metrics) if len(metrics) > 1 else "min", sampler=sampler,
-                               points_to_evaluate=points, study_name=args.name,
-                               storage=None if storage is None else open_storage(storage))
-        callbacks = [ParquetResults(exp_dir, TrialRow(space, versions()), TrialRow.dtypes()), Progress(num_trials)]
+        metric, mode = (metrics, ["min"] * len(metrics)) if len(metrics) > 1 else (metrics[0], "min")
+        searchers = {
+            k: StudySearch(space=space.params if k == NEWLLM else space.baselines.params, metric=metric, mode=mode,
+                           sampler=optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True),
+                           study_name=study, storage=None if storage is None else open_storage(storage))
+            for k, study in study_names(args.name, space).items()}
+        for point in [*space.points, *(points or [])]:
+            # enqueued in the study, the sampler proposes what a point leaves out
+            searchers[NEWLLM]._ot_study.enqueue_trial(point)
+        searcher = FamilySearch(searchers, space, data.vocab_size, metric, mode)
+        total = num_trials * len(searchers)
+        callbacks = [ParquetResults(exp_dir, TrialRow(space, versions()), TrialRow.dtypes()), Progress(total)]
         tuner = tune.Tuner(
             trainable,
             # a finished trial's actor (its process, torch imported) runs the next trial; run_trial
             # sets everything per trial (threads, seeds), so nothing carries over
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler(args.scheduler, space),
-                                        num_samples=num_trials, max_concurrent_trials=concurrency,
+                                        num_samples=total, max_concurrent_trials=concurrency,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=args.name, storage_path=storage_root(args.storage_path),
                                       callbacks=callbacks, verbose=0,

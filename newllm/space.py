@@ -5,6 +5,8 @@ Schema (every key optional except ``params``)::
     num_trials: 8                      # trials to run (the CLI's --num-trials overrides)
     repeats: 1                         # runs (seeds) per trial, its replicates (--repeats overrides)
     objectives: [val_ppl]              # or [val_ppl, num_params]: multi-objective, all minimised
+    points:                            # optional: configurations Optuna tries first, in order; a
+      - {context_dim: 16}              # point may give some parameters, the sampler proposes the rest
     params:                            # searched TrainConfig fields
       context_dim: {type: categorical, choices: [16, 32, 64]}
       num_layers:  {type: int, low: 1, high: 4}              # step: 1 by default
@@ -15,6 +17,20 @@ Schema (every key optional except ``params``)::
     data:                              # DataConfig defaults for this space (CLI flags override)
       num_samples: 40
       vocab_size: 500
+    baselines:                         # optional (or --baselines): standard LMs at matched sizes
+      architectures: [lstm, gru, transformer]
+      params:                          # searched by each architecture's own study
+        phase2_lr: {type: float, low: 5.0e-4, high: 2.0e-2, log: true}
+      fixed:                           # BASELINE_SETTINGS held constant
+        context_window: 64
+
+With baselines, each New-LLM trial is followed by one trial of each baseline architecture whose
+``hidden_dim`` makes its non-embedding parameter count the New-LLM trial's within +-10%
+(``newllm.baselines.size_for``). It takes the shared settings (``embed_dim``, ``num_layers``,
+``phase2_*``, ``seed``) of that New-LLM trial, except those its own section searches or fixes; the
+New-LLM ``params`` and ``fixed`` (Phase 1, gate, ``context_dim``...) mean nothing to it. Each
+architecture gets as many trials as New-LLM, its learning rate (by default ``DEFAULT_BASELINE_PARAMS``)
+proposed by its own Optuna study.
 
 A key may be searched or fixed, not both. ``hidden_dim``, when neither searched nor fixed, is
 ``context_dim + embed_dim`` in every trial, as the residual architecture requires. Every
@@ -27,18 +43,29 @@ from __future__ import annotations
 import itertools
 import json
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 import optuna.distributions as od
 import yaml
 
-from newllm.config import TrainConfig, field_types
+from newllm.baselines import size_for
+from newllm.config import BASELINE_ARCHITECTURES, TrainConfig, family_fields, field_types
 from newllm.data import DataConfig
 
 OBJECTIVES = {"val_ppl": "objective", "num_params": "num_params"}
-TOP_KEYS = {"num_trials", "repeats", "objectives", "params", "fixed", "data"}
+TOP_KEYS = {"num_trials", "repeats", "objectives", "params", "fixed", "data", "baselines", "points"}
+BASELINE_KEYS = {"architectures", "params", "fixed"}
+# what a baselines section may search or fix: the baselines' settings except hidden_dim (the
+# size matching sets it) and architecture (its own key)
+BASELINE_SETTINGS = [k for k in family_fields("baseline") if k not in ("hidden_dim", "architecture")]
+# the settings a baseline trial takes from the New-LLM trial it is sized to, unless its section sets them
+INHERITED = ("embed_dim", "num_layers", "phase2_lr", "phase2_epochs", "phase2_batch_size", "phase2_bptt",
+             "phase2_patience", "seed")
+DEFAULT_BASELINE_PARAMS = {"phase2_lr": {"type": "float", "low": 5.0e-4, "high": 2.0e-2, "log": True}}
+# the key of a baseline trial's config that names the New-LLM trial it was sized to
+MATCHED = "matched_trial_id"
 DIST_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}
 DATA_KEYS = {f.name for f in fields(DataConfig)} - {"cache_dir"}
@@ -56,6 +83,21 @@ class SpaceError(ValueError):
 
 
 @dataclass(frozen=True)
+class Baselines:
+    """A space's baselines: the architectures, and what each one's own study searches and fixes."""
+
+    architectures: tuple[str, ...] = BASELINE_ARCHITECTURES
+    params: dict[str, od.BaseDistribution] = field(default_factory=lambda: default_baseline_params())
+    fixed: dict[str, object] = field(default_factory=dict)
+
+
+def default_baseline_params() -> dict[str, od.BaseDistribution]:
+    types = field_types()
+    return {name: _distribution(name, spec, types[name], "DEFAULT_BASELINE_PARAMS")
+            for name, spec in DEFAULT_BASELINE_PARAMS.items()}
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     path: str
     params: dict[str, od.BaseDistribution]
@@ -64,14 +106,54 @@ class SearchSpace:
     objectives: list[str]
     num_trials: int
     repeats: int = 1  # runs of each sampled configuration, with seeds seed, seed + 1, ...
+    baselines: Baselines | None = None
+    points: tuple[dict, ...] = ()  # (partial) configurations to try first
 
     def trial_config(self, sampled: dict) -> TrainConfig:
-        """The full TrainConfig of a trial from its sampled values."""
+        """The full TrainConfig of a trial from its Tune config: a New-LLM trial's sampled values,
+        or a baseline trial's settings (``baseline_trial``)."""
+        if sampled.get("architecture") in BASELINE_ARCHITECTURES:
+            return TrainConfig(**{k: v for k, v in sampled.items() if k != MATCHED})
         values = {**self.fixed, **sampled}
         if "hidden_dim" not in values:
             values["hidden_dim"] = values.get("context_dim", TrainConfig.context_dim) + \
                 values.get("embed_dim", TrainConfig.embed_dim)
         return TrainConfig(**values)
+
+    def baseline_trial(self, architecture: str, matched: dict, sampled: dict, vocab_size: int) -> dict:
+        """A baseline trial's settings: ``sampled`` by its study over the baselines' fixed values
+        over the INHERITED settings of the New-LLM trial sampled as ``matched``, with the
+        ``hidden_dim`` that brings its non-embedding count within 10% of that trial's. ValueError
+        when no width does."""
+        newllm = self.trial_config(matched)
+        values = {k: getattr(newllm, k) for k in INHERITED} | self.baselines.fixed | sampled
+        values["architecture"] = architecture
+        sized = size_for(architecture, newllm.non_embedding_params(vocab_size), vocab_size, values["embed_dim"],
+                         values["num_layers"], **{k: values.get(k, getattr(TrainConfig, k))
+                                                  for k in ("context_window", "num_heads", "dropout")})
+        return {**values, "hidden_dim": sized.hidden_dim}
+
+    def check_baselines(self, vocab_size: int) -> None:
+        """Size every baseline architecture to the ends of the New-LLM ranges (and its own),
+        so that a size no baseline can match fails before the search starts (SpaceError)."""
+        if self.baselines is None:
+            return
+        seen = set()
+        for values in itertools.islice(itertools.product(*(_ends(d) for d in self.params.values())), MAX_CORNERS):
+            matched = dict(zip(self.params, values))
+            cfg = self.trial_config(matched)
+            own = self.baselines.params
+            for arch, own_values in itertools.product(self.baselines.architectures,
+                                                      itertools.product(*(_ends(d) for d in own.values()))):
+                key = (arch, cfg.non_embedding_params(vocab_size), cfg.embed_dim, cfg.num_layers, own_values)
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    TrainConfig(**self.baseline_trial(arch, matched, dict(zip(own, own_values)), vocab_size))
+                except (TypeError, ValueError) as e:
+                    raise SpaceError(f"{self.path}: the {arch} baseline of the New-LLM trial {matched} would be "
+                                     f"invalid: {e}") from e
 
     @property
     def metrics(self) -> list[str]:
@@ -80,9 +162,15 @@ class SearchSpace:
 
     def to_yaml(self) -> str:
         """This space as a space file: ``parse_space`` of it gives the same space back."""
-        return yaml.safe_dump({"num_trials": self.num_trials, "repeats": self.repeats, "objectives": self.objectives,
-                               "params": {name: _spec(d) for name, d in self.params.items()},
-                               "fixed": self.fixed, "data": self.data}, sort_keys=False, default_flow_style=None)
+        space = {"num_trials": self.num_trials, "repeats": self.repeats, "objectives": self.objectives,
+                 "params": {name: _spec(d) for name, d in self.params.items()}, "fixed": self.fixed, "data": self.data}
+        if self.points:
+            space["points"] = list(self.points)
+        if self.baselines is not None:
+            space["baselines"] = {"architectures": list(self.baselines.architectures),
+                                  "params": {n: _spec(d) for n, d in self.baselines.params.items()},
+                                  "fixed": self.baselines.fixed}
+        return yaml.safe_dump(space, sort_keys=False, default_flow_style=None)
 
 
 def builtin_spaces() -> list[str]:
@@ -250,7 +338,12 @@ def parse_space(text: str, where: str) -> SearchSpace:
     except (TypeError, ValueError) as e:
         raise SpaceError(f"{where}: data: {e}") from e
 
-    space = SearchSpace(where, params, fixed, data, objectives, num_trials, repeats)
+    if any(a in BASELINE_ARCHITECTURES for a in [fixed.get("architecture"), *_choices(params.get("architecture"))]):
+        raise SpaceError(f"{where}: params and fixed are New-LLM's; baselines ({', '.join(BASELINE_ARCHITECTURES)}) "
+                         f"go in the baselines section, where they are sized to the New-LLM trials")
+    baselines = parse_baselines(raw["baselines"], where, types) if "baselines" in raw else None
+    points = parse_points(raw.get("points") or [], params, where)
+    space = SearchSpace(where, params, fixed, data, objectives, num_trials, repeats, baselines, points)
     corners = list(itertools.product(*(_ends(d) for d in params.values())))
     for values in corners[:MAX_CORNERS]:
         sampled = dict(zip(params, values))
@@ -259,6 +352,58 @@ def parse_space(text: str, where: str) -> SearchSpace:
         except (TypeError, ValueError) as e:
             raise SpaceError(f"{where}: the trial {sampled} would be invalid: {e}") from e
     return space
+
+
+def _choices(d: od.BaseDistribution | None) -> list:
+    return list(d.choices) if isinstance(d, od.CategoricalDistribution) else []
+
+
+def parse_points(raw, params: dict[str, od.BaseDistribution], where: str) -> tuple[dict, ...]:
+    """The points section: a list of mappings from searched parameters to values inside their ranges."""
+    if not isinstance(raw, list) or not all(isinstance(p, dict) and p for p in raw):
+        raise SpaceError(f"{where}: points must be a list of mappings from searched parameters to values")
+    for i, point in enumerate(raw):
+        for name, value in point.items():
+            d = params.get(name)
+            if d is None:
+                raise SpaceError(f"{where}: points[{i}].{name} is not a searched parameter (params: {', '.join(params)})")
+            inside = value in d.choices if isinstance(d, od.CategoricalDistribution) else \
+                _is(value, float) and d.low <= value <= d.high
+            if not inside:
+                raise SpaceError(f"{where}: points[{i}].{name} = {value!r} is outside its distribution {_spec(d)}")
+    return tuple(raw)
+
+
+def parse_baselines(raw, where: str, types: dict[str, type]) -> Baselines:
+    """The baselines section of a space (``None`` or ``{}``: every architecture, default params)."""
+    raw = raw or {}
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict) or set(raw) - BASELINE_KEYS:
+        raise SpaceError(f"{where}: baselines must be a mapping with keys from {sorted(BASELINE_KEYS)}")
+    architectures = raw.get("architectures", list(BASELINE_ARCHITECTURES))
+    if not isinstance(architectures, list) or not architectures or len(set(architectures)) != len(architectures) \
+            or not all(a in BASELINE_ARCHITECTURES for a in architectures):
+        raise SpaceError(f"{where}: baselines.architectures must be a list drawn from {list(BASELINE_ARCHITECTURES)}, "
+                         f"got {architectures!r}")
+    params_raw, fixed = raw.get("params"), raw.get("fixed") or {}
+    for section, keys in (("params", params_raw or {}), ("fixed", fixed)):
+        if not isinstance(keys, dict):
+            raise SpaceError(f"{where}: baselines.{section} must be a mapping")
+        unknown = set(keys) - set(BASELINE_SETTINGS)
+        if unknown:
+            raise SpaceError(f"{where}: baselines.{section} has settings {sorted(unknown, key=str)} that a baseline "
+                             f"cannot take; it takes {', '.join(BASELINE_SETTINGS)} (hidden_dim is matched to the "
+                             f"New-LLM trial's size)")
+    both = set(params_raw or {}) & set(fixed)
+    if both:
+        raise SpaceError(f"{where}: baselines: {sorted(both)} are both searched and fixed; keep one")
+    for name, value in fixed.items():
+        if not _is(value, types[name]):
+            raise SpaceError(f"{where}: baselines.fixed.{name} must be of type {types[name].__name__}, got {value!r}")
+    params = default_baseline_params() if params_raw is None else {
+        name: _distribution(name, spec, types[name], f"{where}: baselines") for name, spec in params_raw.items()}
+    return Baselines(tuple(architectures), params, fixed)
 
 
 def record_space(experiment: str, space: SearchSpace) -> None:

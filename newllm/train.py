@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report.print_configuration(cfg, data_cfg, data, args.device, threads)
-    report.print_phase1_header()
+    if cfg.family == "newllm":
+        report.print_phase1_header()
     model = build_model(cfg, data.vocab_size, args.device)
     result = train(cfg, data, model, on_pass=report.print_pass, on_gate=report.print_gate,
                    on_epoch=lambda epoch: report.print_epoch(epoch.record))
     report.print_result(result)
     summary = {"config": cfg.to_dict(), "data": {**data_cfg.to_dict(), **data.summary()},
-               **result.summary(), "phase1_history": [r.to_dict() for r in result.phase1.history],
+               **result.summary(),
+               "phase1_history": [r.to_dict() for r in result.phase1.history] if result.phase1 else None,
                "phase2_history": [r.to_dict() for r in result.phase2.history] if result.phase2 else None,
                "train_analysis": result.train_analysis.to_dict() if result.train_analysis else None,
                "val_analysis": result.val_analysis.to_dict() if result.val_analysis else None,

@@ -1,8 +1,10 @@
 """The Ray Tune function trainable: one search trial is ``space.repeats`` (usually 1)
 ``newllm.run.train`` runs of its configuration, its replicates, with seeds seed, seed + 1, ...
+A New-LLM trial and a baseline trial (LSTM, GRU, transformer) run through the same function.
 
-Reported rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective`` and
-``num_params`` (Tune checks the metric in every report; OptunaSearch reads the last one):
+Reported rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective``,
+``family``, ``num_params`` and ``num_params_non_embedding`` (Tune checks the metric in every
+report; OptunaSearch reads the last one); a baseline has no ``phase1`` or ``analysis`` rows:
 
 - ``phase1``, step = pass: cvfp/dist loss, converged ratio, train effective rank, lr, seconds;
 - ``analysis``, step 0: fixed-point analysis of train and val contexts and the gate verdict,
@@ -23,7 +25,9 @@ val perplexity so far. Every row also carries ``node_id`` (the Ray node that ran
 A retried trial (its node was lost) or a resumed one (the driver was restarted) starts from its
 latest checkpoint, which also holds the summaries of the replicates before it (and replicate 0's
 model): from a Phase 1 checkpoint it skips Phase 1 (``phase1_restored`` True), from a Phase 2 one
-it continues after that epoch, from the final one it reports the saved summary again.
+it continues after that epoch, from the final one it reports the saved summary again. A
+baseline's run, which has no Phase 1 to keep, starts again from its seed instead (its Phase 2
+checkpoints are there for what a scheduler's stop leaves).
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ from ray import tune
 from newllm.checkpoint import load_model, save_model
 from newllm.config import TrainConfig
 from newllm.data import TokenData
-from newllm.model import NewLLM
 from newllm.phase1 import PassRecord
 from newllm.phase2 import Phase2State
 from newllm.run import (
     EpochReport,
+    Model,
     Resume,
     TrainResult,
     build_model,
@@ -82,17 +86,20 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
 
     if record is not None and "summary" in record:  # the trial had finished: nothing to redo
         where["phase1_restored"] = record["phase1_restored"]
-        tune.report({"phase": "final", "step": 0, "replicate": 0, "num_params": restored.num_params(), **where,
-                     "threads": threads, "device": device, **record["summary"]})
+        tune.report({"phase": "final", "step": 0, "replicate": 0, **where, "threads": threads, "device": device,
+                     **record["summary"]})
         return
+    if record is not None and cfg.family == "baseline":
+        where["phase1_restored"] = False
     # from a checkpoint: the summaries of the replicates that finished, and replicate 0's model
     summaries: list[dict] = list(record.get("replicates", [])) if record else []
     first_model: dict | None = record.get("first_model") if record else None
     for replicate in range(len(summaries), space.repeats):
         rcfg = dataclasses.replace(cfg, seed=cfg.seed + replicate)
         model, resume = build_model(rcfg, data.vocab_size, device), None
-        if record is not None:  # the checkpoint is of this replicate
-            model, resume, record = restored, resume_from(record), None
+        if record is not None and cfg.family == "newllm":  # the checkpoint is of this replicate
+            model, resume = restored, resume_from(record)
+        record = None  # (a baseline's replicate starts again)
         kept = {"replicates": summaries, "first_model": first_model} if replicate else {"replicates": summaries}
         summaries.append(run_replicate(rcfg, data, model, resume, replicate, where, kept))
         if replicate == 0:
@@ -102,19 +109,20 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
     with tempfile.TemporaryDirectory() as d:
         save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=summary,
                    phase1_restored=where["phase1_restored"])
-        tune.report({"phase": "final", "step": 0, "replicate": 0, "num_params": model.num_params(), **where,
-                     "threads": threads, "device": device, **summary}, checkpoint=tune.Checkpoint.from_directory(d))
+        tune.report({"phase": "final", "step": 0, "replicate": 0, **where, "threads": threads, "device": device,
+                     **summary}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def run_replicate(cfg: TrainConfig, data: TokenData, model: NewLLM, resume: Resume | None, replicate: int,
+def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resume | None, replicate: int,
                   where: dict, kept: dict) -> dict:
     """One run of the trial (``newllm.run.train``), reporting its rows and checkpoints; returns its
     summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial."""
-    num_params = model.num_params()
+    size = {"family": cfg.family, "num_params": model.num_params(),
+            "num_params_non_embedding": model.num_params(non_embedding=True)}
 
     def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({"phase": phase, "step": step, "replicate": replicate, "num_params": num_params, **where, **row},
+        tune.report({"phase": phase, "step": step, "replicate": replicate, **size, **where, **row},
                     checkpoint=checkpoint)
 
     def save(d: str, result: TrainResult, state: Phase2State | None = None) -> None:
@@ -139,7 +147,7 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: NewLLM, resume: Resu
         stopped = epoch.if_stopped
         row = {**epoch.record.to_dict(), "phase2_epoch": epoch.record.epoch, "objective": stopped.objective,
                "if_stopped": replicates_summary([*kept["replicates"], stopped.summary()])}
-        if epoch.state is None:
+        if not epoch.best:
             report("phase2", epoch.record.epoch, row)
             return
         # the best epoch so far: its weights are what a scheduler's stop leaves this trial with

@@ -179,6 +179,164 @@ def test_gate_saving_as_print_summary_estimates_it():
     assert failed == 1 and math.isnan(mean) and math.isnan(saved)
 
 
+# --- baselines and floors ---------------------------------------------------------------------
+
+FLOORS = {"unigram_ppl": 400.0, "bigram_ppl": 150.0, "unigram_k": 1.0, "bigram_k": 0.1}
+BASELINE_NULLS = ["gate_passed", "train_effective_rank_fraction", "val_effective_rank_fraction", "phase1_passes",
+                  "phase1_seconds", "analysis_seconds", "gate_train_er", "gate_val_er", "context_dim",
+                  "dist_reg_weight"]
+
+
+def with_baselines(**columns) -> pd.DataFrame:
+    """Six New-LLM trials (t000-t005) and four baselines (t006-t009), as a search with baselines
+    writes them: the baselines' Phase 1, gate and New-LLM configuration columns null. The best
+    New-LLM trial is t002 (val_ppl 80, 2000 non-embedding parameters); the best baseline at no more
+    is the LSTM t006 (75 at 1900); the GRU t007 (70) is larger."""
+    base = dict(
+        status=["passed", "gate_failed", "passed", "passed", "gate_failed", "passed",
+                "passed", "passed", "diverged", "passed"],
+        val_ppl=[90, 0, 80, 85, 0, 95, 75, 70, 0, 85],
+        family=["newllm"] * 6 + ["baseline"] * 4,
+        architecture=["residual", "gated", "gated", "residual", "gated", "residual", "lstm", "gru", "transformer",
+                      "lstm"],
+        num_params=np.arange(10, 20) * 1000,
+        num_params_non_embedding=pd.array([1000, 1100, 2000, 1500, 900, 800, 1900, 2200, 1000, 1000], dtype="Int64"),
+        matched_trial_id=pd.array([None] * 6 + ["t002", "t002", "t000", "t000"], dtype="string"),
+        context_dim=[8, 32, 16, 8, 32, 16, 0, 0, 0, 0], dist_reg_weight=[.1, .9, .3, .2, .8, .4, 0, 0, 0, 0],
+    )
+    trials = make_trials(**{**base, **columns})
+    trials.loc[trials.family == "baseline", BASELINE_NULLS] = None
+    return trials
+
+
+def test_comparison_line_picks_the_best_of_each_family_at_no_more_parameters():
+    trials = with_baselines()
+    assert analyze.comparison_line(trials) == (
+        "Best New-LLM trial t002 (val_ppl 80.00, 2,000 non-embedding parameters) against the best baseline with no "
+        "more non-embedding parameters, lstm t006 (val_ppl 75.00, 1,900 non-embedding parameters): lstm is better, "
+        "New-LLM's val_ppl 6.7% higher (1.07x).")
+    # the LSTM t006 worse: the best at no more parameters is now t009 (85 at 1000), and New-LLM is better
+    line = analyze.comparison_line(with_baselines(val_ppl=[90, 0, 80, 85, 0, 95, 88, 70, 0, 85]))
+    assert "lstm t009 (val_ppl 85.00, 1,000 non-embedding" in line and line.endswith(
+        "New-LLM is better, its val_ppl 5.9% lower (0.94x).")
+    # every baseline larger than New-LLM's best: said so, with the best baseline overall
+    larger = with_baselines(num_params_non_embedding=[1000, 1100, 2000, 1500, 900, 800, 2100, 2200, 2300, 2400])
+    assert analyze.comparison_line(larger) == (
+        "Best New-LLM trial t002 (val_ppl 80.00, 2,000 non-embedding parameters): no passed baseline has as few "
+        "non-embedding parameters or fewer; the best baseline overall is gru t007 (val_ppl 70.00, 2,200 "
+        "non-embedding parameters).")
+
+
+def test_comparison_line_without_a_side_to_compare():
+    assert analyze.comparison_line(make_trials(val_ppl=[60, 70])) is None  # an old table: no family column
+    assert analyze.comparison_line(with_baselines(family=["newllm"] * 10)) is None
+    no_newllm = with_baselines(status=["gate_failed"] * 6 + ["passed", "passed", "diverged", "passed"])
+    assert analyze.comparison_line(no_newllm) == (
+        "No New-LLM trial passed, so there is nothing to compare; the best baseline is gru t007 (val_ppl 70.00, "
+        "2,200 non-embedding parameters).")
+    no_baseline = with_baselines(status=["passed"] * 6 + ["diverged"] * 4)
+    assert analyze.comparison_line(no_baseline).endswith(
+        ": no baseline trial passed (4 diverged), so there is nothing to compare it with.")
+    neither = with_baselines(status=["gate_failed"] * 6 + ["diverged"] * 4)
+    assert analyze.comparison_line(neither) == "Neither a New-LLM nor a baseline trial passed: nothing to compare."
+
+
+def test_summary_names_the_best_newllm_trial_the_comparison_and_the_floors():
+    space = {"context_dim": od.CategoricalDistribution([8, 16, 32])}
+    lines = analyze.summary(with_baselines(), pd.DataFrame(), space, FLOORS)
+    assert lines[0] == "10 trials finished: 7 passed, 2 gate_failed, 1 diverged"
+    assert lines[1] == "Of them 4 baselines (2 lstm, 1 gru, 1 transformer), 3 passed."
+    assert lines[2] == ("Best New-LLM trial t002: val_ppl 80.00, val_acc 10.0%, 12,000 parameters (2,000 "
+                        "non-embedding); context_dim=16")  # not the better GRU
+    assert lines[3] == analyze.comparison_line(with_baselines())
+    # the gate's saving counts New-LLM trials only: the baselines' Phase 2 time is not New-LLM's
+    assert lines[4] == analyze.gate_saving_line(with_baselines().iloc[:6]) and "2 trials" in lines[4]
+    assert lines[5].startswith("Floors on the val tokens") and "400.00" in lines[5]
+    # an old table: the lines as before, no comparison, no floors
+    old = analyze.summary(make_trials(val_ppl=[60, 70]), pd.DataFrame(), {})
+    assert old == ["2 trials finished: 2 passed", "Best trial t000: val_ppl 60.00, val_acc 10.0%, 1,000 parameters; ",
+                   "The gate skipped no Phase 2."]
+
+
+def test_figures_of_newllm_only_ignore_the_baselines():
+    trials = with_baselines()
+    newllm = trials.iloc[:6]
+    space = figures.infer_distributions(trials)
+    assert space == figures.infer_distributions(newllm)
+    assert space["architecture"] == od.CategoricalDistribution(["gated", "residual"])  # no "lstm"
+    for name, distribution in space.items():
+        pd.testing.assert_frame_equal(figures.gate_table(trials, name, distribution),
+                                      figures.gate_table(newllm, name, distribution))
+    # 4 New-LLM trials passed; with the baselines counted it would be 7 of 10
+    assert figures.gate_importance(trials, space)[1] == "4 of 6 trials passed"
+    assert figures.objective_importance(trials, space)[1] == "4 passed trials"
+    assert figures.gate_saving(trials) == figures.gate_saving(newllm)
+    bars = [t for t in figures.gate_map_figure(trials, space).data if t.type == "bar"]
+    assert sum(int(n.split("/")[1]) for n in bars[0].text) == 6
+    assert [set(t.y) for t in figures.time_figure(trials).data] == [set(newllm.trial_id)] * 3
+
+
+def test_history_and_pareto_draw_baselines_apart_and_the_floors():
+    trials = with_baselines()
+    h = figures.history(trials)
+    assert h.best.tolist() == [90, 90, 80, 80, 80, 80, 80, 80, 80, 80]  # New-LLM's: the GRU's 70 does not count
+    fig = figures.history_figure(trials, FLOORS)
+    markers = {t.name: list(t.x) for t in fig.data if t.mode == "markers"}
+    assert markers["New-LLM passed trial"] == [1, 3, 4, 6]
+    assert markers["lstm (baseline)"] == [7, 10] and markers["gru (baseline)"] == [8]
+    assert markers["diverged"] == [9]  # the diverged transformer with the penalised trials
+    assert [t.marker.symbol for t in fig.data if t.name == "lstm (baseline)"] == ["triangle-up"]
+    assert [(s.y0, s.line.dash) for s in fig.layout.shapes] == [(400.0, "dash"), (150.0, "dash")]
+    assert {a.text for a in fig.layout.annotations} >= {"unigram floor 400", "bigram floor 150"}
+
+    fig = figures.pareto_figure(with_baselines(val_ppl=[90, 0, 80, 92, 0, 95, 75, 70, 0, 85]), FLOORS)
+    assert [t.name for t in fig.data] == ["dominated", "Pareto front", "gru (baseline)", "gru front",
+                                          "lstm (baseline)", "lstm front"]
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["Pareto front"].x) == [800, 1000, 2000] and list(traces["dominated"].x) == [1500]
+    assert list(traces["lstm (baseline)"].x) == [1000, 1900] and list(traces["lstm front"].x) == [1000, 1900]
+    assert fig.layout.xaxis.title.text == "non-embedding parameters" and len(fig.layout.shapes) == 2
+    # without floors and baselines, as before
+    assert figures.history_figure(trials.iloc[:6]).layout.shapes == ()
+    old = figures.pareto_figure(make_trials(val_ppl=[60, 50], num_params=[100, 200]))
+    assert [t.name for t in old.data] == ["dominated", "Pareto front"] and old.layout.xaxis.title.text == "parameters"
+
+
+def test_phase2_curves_draw_baselines_dashed_by_architecture():
+    trials = with_baselines()
+    rows = [(t, 1, "phase2", e, 100.0 - e) for t in ("t000", "t006", "t007") for e in (1, 2)]
+    rows += [("t006", 1, "final", 2, 98.0), ("t001", 1, "phase1", 1, np.nan)]
+    iterations = pd.DataFrame(rows, columns=["trial_id", "attempt", "phase", "step", "val_ppl"])
+    fig = figures.phase2_figure(iterations, trials)
+    assert [(t.name, t.line.dash) for t in fig.data] == [("passed", "solid"), ("lstm (baseline)", "dash"),
+                                                         ("gru (baseline)", "dash")]
+    assert "t006, lstm baseline, passed" in fig.data[1].hovertemplate
+    assert fig.data[1].line.color != fig.data[2].line.color
+
+
+def test_report_with_baselines_and_floors(tmp_path, capsys):
+    from newllm.floors import record_floors
+
+    trials = with_baselines()
+    rows = [(t, 1, 0, "phase2", 1, 90.0) for t in trials.trial_id[trials.status == "passed"]]
+    iterations = pd.DataFrame(rows, columns=["trial_id", "attempt", "replicate", "phase", "step", "val_ppl"])
+    directory = write_experiment(tmp_path / "baselines", trials, iterations)
+    record_floors(str(directory), FLOORS)
+    assert analyze.main([str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert analyze.comparison_line(trials) in out and "Floors on the val tokens" in out
+    html = (directory / "report.html").read_text()
+    assert section_titles(html) == ["Optimisation history", "Parameter importance",
+                                    "Val perplexity against each parameter", "Perplexity against size", "Gate map",
+                                    "Phase 1 (CVFP)", "Phase 2", "Time per phase", "Top trials"]
+    assert "non-embedding parameter count" in html and '"name":"lstm (baseline)"' in html
+    assert "unigram floor 400" in html and "<th>family</th>" in html and "<th>non-embedding params</th>" in html
+    table = figures.top_trials(trials, {})
+    assert list(table.columns[:4]) == ["trial_id", "status", "family", "architecture"]
+    assert table.trial_id.tolist()[:3] == ["t007", "t006", "t002"]
+    assert "family" not in figures.top_trials(make_trials(val_ppl=[60, 70]), {})
+
+
 # --- the report of a real search ------------------------------------------------------------
 
 
@@ -229,7 +387,8 @@ def test_report_when_no_trial_passed(tmp_path, capsys):
     directory = write_experiment(tmp_path / "failed", trials, pd.DataFrame())
     assert analyze.main([str(directory)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[:3] == ["4 trials finished: 2 gate_failed, 1 diverged, 1 error", "No trial passed: no best configuration.",
+    assert out[:3] == ["4 trials finished: 2 gate_failed, 1 diverged, 1 error",
+                       "No trial passed: no best configuration.",
                        "The gate skipped Phase 2 for 2 trials (no passed trial to estimate the time saved)."]
     html = (directory / "report.html").read_text()
     assert section_titles(html) == ["Optimisation history", "Parameter importance", "Gate map", "Phase 1 (CVFP)",

@@ -292,7 +292,7 @@ def test_export_best_trial(tmp_path, experiment, capsys):
     ("missing", ["--best"], "does not exist"),
     ("tmp", ["--best"], "no trials.parquet"),
     ("exp", ["--trial", "zzz"], "unknown trial id 'zzz'; the experiment's trials are: a (passed), b (gate_failed), c"),
-    ("gate_only", ["--best"], "no trial passed (1 gate_failed)"),
+    ("gate_only", ["--best"], "no New-LLM trial passed (1 gate_failed)"),
     ("exp", ["--trial", "c"], "the checkpoint of trial c"),
 ])
 def test_export_errors_exit_2(tmp_path, experiment, capsys, where, args, message):

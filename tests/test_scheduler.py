@@ -45,7 +45,6 @@ POINTS = [{"phase2_lr": 0.003, "gate_train_er": 0.0}, {"phase2_lr": 1e-5, "gate_
 
 @pytest.fixture(scope="module")
 def stopped_search(tmp_path_factory):
-    from ray.tune.search.optuna import OptunaSearch
 
     root = tmp_path_factory.mktemp("asha")
     (root / "stop.yaml").write_text(STOP_SPACE)
@@ -59,10 +58,10 @@ def stopped_search(tmp_path_factory):
         search.run_search(args, space, data, len(POINTS), 1, exp_dir, points=POINTS)
     finally:
         ray.shutdown()
-    searcher = OptunaSearch()
+    searcher = search.FamilySearch({}, space, data.vocab_size, "objective", "min")
     searcher.restore_from_dir(exp_dir)
     trials, iterations = results.load(exp_dir)
-    return exp_dir, data, trials, iterations, searcher
+    return exp_dir, data, trials, iterations, searcher.searchers["newllm"]
 
 
 @pytest.mark.slow
@@ -219,3 +218,36 @@ def test_a_trial_retried_in_its_second_replicate_ends_as_the_uninterrupted_one(t
     for fake in (whole, retried):
         model, _ = load_model(fake.checkpoints[-1][1].path)
         assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(a["val_ppl"], rel=1e-6)
+
+
+def test_a_retried_baseline_trial_starts_again_and_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from newllm import trainable
+    from newllm.baselines import baseline_stream_metrics
+    from newllm.space import Baselines, parse_space
+
+    space = dataclasses.replace(parse_space(STOP_SPACE, "stop.yaml"), baselines=Baselines())
+    data = prepare_data(DataConfig(**space.data, cache_dir=str(tmp_path / "cache")))
+    config = space.baseline_trial("gru", POINTS[0], {"phase2_lr": 0.01}, data.vocab_size)
+    monkeypatch.setattr(trainable, "ray", SimpleNamespace(get_runtime_context=FakeContext))
+
+    def run(name: str, start=None) -> FakeTune:
+        fake = FakeTune(tmp_path / name, start)
+        (tmp_path / name).mkdir()
+        monkeypatch.setattr(trainable, "tune", fake)
+        trainable.run_trial(config, space, data)
+        return fake
+
+    whole = run("whole")
+    assert [r["phase"] for r in whole.rows] == ["phase2"] * 3 + ["final"]
+    assert all(r["family"] == "baseline" for r in whole.rows)
+    # the node is lost after epoch 1's checkpoint: the retry trains again from the seed
+    start = next(c for row, c in whole.checkpoints if row["phase"] == "phase2")
+    retried = run("retried", start)
+    assert [r["step"] for r in retried.rows if r["phase"] == "phase2"] == [1, 2, 3]
+    a, b = whole.rows[-1], retried.rows[-1]
+    assert not b["phase1_restored"] and b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-9)
+    model, _ = load_model(retried.checkpoints[-1][1].path)
+    assert math.exp(baseline_stream_metrics(model, data.val_ids)[0]) == pytest.approx(a["val_ppl"], rel=1e-6)
