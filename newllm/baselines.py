@@ -198,7 +198,9 @@ def size_for(architecture: Architecture, target_non_embedding: int, vocab_size: 
         near = ", ".join(f"hidden_dim={k * step}: {count(k)}" for k in (low, high) if k >= 1)
         raise ValueError(f"no {architecture} width gives {target_non_embedding} non-embedding parameters "
                          f"within {tolerance:.0%} (vocab_size={vocab_size}, embed_dim={embed_dim}, "
-                         f"num_layers={num_layers}); nearest: {near}")
+                         f"num_layers={num_layers}); nearest: {near}" +
+                         (f" (the width steps by num_heads={num_heads}: fewer heads give finer steps)"
+                          if architecture == "transformer" and num_heads > 1 else ""))
     return config(best)
 
 

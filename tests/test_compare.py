@@ -9,6 +9,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+from conftest import TINY_SPACE
 
 from newllm.baselines import baseline_stream_metrics
 from newllm.checkpoint import load_model, save_model
@@ -17,30 +18,14 @@ from newllm.data import DataConfig, prepare_data
 from newllm.run import SUMMARY_DTYPES, build_model, train
 from newllm.space import MATCHED, Baselines, SpaceError, load_space, parse_space, resolve_space
 
-COMPARE_SPACE = """
-num_trials: 1
+# the tiny space of the search tests, its gate open, with a point and baselines
+COMPARE_SPACE = TINY_SPACE % "gate_train_er: 0.0\n  gate_val_er: 0.0" + """
 points:
-  - {context_dim: 32}
-params:
-  context_dim: {type: categorical, choices: [16, 32]}
-  dist_reg_weight: {type: float, low: 0.1, high: 0.8}
-fixed:
-  embed_dim: 8
-  num_layers: 1
-  phase1_max_iter: 4
-  phase1_streams: 4
-  phase2_epochs: 2
-  phase2_lr: 0.001
-  phase2_batch_size: 64
-  gate_train_er: 0.0
-  gate_val_er: 0.0
-data:
-  num_samples: 6
-  vocab_size: 300
+  - {context_dim: 16}
 baselines:
   params:
     phase2_lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
-  fixed: {context_window: 16}
+  fixed: {context_window: 16, num_heads: 1}  # one head: the transformer's width in steps of 1
 """
 
 PHASE1_COLUMNS = ["phase1_passes", "converged_ratio", "train_effective_rank_fraction", "val_effective_rank_fraction",
@@ -79,7 +64,7 @@ def test_baselines_belong_in_their_own_section():
     with pytest.raises(SpaceError, match="baselines section"):
         parse_space("params:\n  architecture: {type: categorical, choices: [residual, lstm]}\n", "s.yaml")
     with pytest.raises(SpaceError, match="hidden_dim is matched"):
-        parse_space(COMPARE_SPACE.replace("fixed: {context_window: 16}", "fixed: {hidden_dim: 16}"), "s.yaml")
+        parse_space(COMPARE_SPACE.replace("fixed: {context_window: 16,", "fixed: {hidden_dim: 16,"), "s.yaml")
     with pytest.raises(SpaceError, match="architectures"):
         parse_space(COMPARE_SPACE.replace("  params:\n    phase2_lr", "  architectures: [rnn]\n  params:\n    phase2_lr"),
                     "s.yaml")
@@ -105,7 +90,7 @@ def test_baselines_match_the_new_llm_trials_within_ten_percent_at_every_laptop_s
 
 
 def test_a_size_no_baseline_can_match_fails_before_the_search():
-    space = parse_space(COMPARE_SPACE.replace("fixed: {context_window: 16}", "fixed: {context_window: 16, num_heads: 16}"),
+    space = parse_space(COMPARE_SPACE.replace("num_heads: 1}", "num_heads: 16}"),
                         "s.yaml")
     with pytest.raises(SpaceError, match="transformer baseline .* within 10%"):
         space.check_baselines(300)
@@ -159,11 +144,11 @@ def test_asha_compares_a_trial_only_with_trials_of_its_own_kind():
 
 def test_points_must_name_searched_parameters_inside_their_ranges():
     with pytest.raises(SpaceError, match=r"points\[0\]\.embed_dim is not a searched parameter"):
-        parse_space(COMPARE_SPACE.replace("{context_dim: 32}", "{embed_dim: 32}"), "s.yaml")
+        parse_space(COMPARE_SPACE.replace("{context_dim: 16}", "{embed_dim: 32}"), "s.yaml")
     with pytest.raises(SpaceError, match=r"points\[0\]\.context_dim = 24 is outside"):
-        parse_space(COMPARE_SPACE.replace("{context_dim: 32}", "{context_dim: 24}"), "s.yaml")
+        parse_space(COMPARE_SPACE.replace("{context_dim: 16}", "{context_dim: 24}"), "s.yaml")
     with pytest.raises(SpaceError, match=r"points\[0\]\.dist_reg_weight = 0.9 is outside"):
-        parse_space(COMPARE_SPACE.replace("{context_dim: 32}", "{dist_reg_weight: 0.9}"), "s.yaml")
+        parse_space(COMPARE_SPACE.replace("{context_dim: 16}", "{dist_reg_weight: 0.9}"), "s.yaml")
 
 
 def test_the_search_takes_turns_and_picks_up_where_it_was_saved(tmp_path):
@@ -212,7 +197,7 @@ def compare_search(tmp_path_factory):
     os.environ["NEWLLM_CACHE"] = str(root / "cache")
     try:
         assert search.main(["--local", "--space", str(space), "--name", "cmp", "--storage-path",
-                            str(root / "res"), "--scheduler", "none"]) == 0
+                            str(root / "res"), "--scheduler", "none", "--num-trials", "1"]) == 0
         data = prepare_data(DataConfig(**load_space(space).data))
     finally:
         ray.shutdown()
@@ -230,7 +215,7 @@ def test_a_comparison_search_has_a_trial_of_every_family_in_one_table(compare_se
     trials, iterations = load(compare_search.directory)
     assert sorted(trials.architecture) == ["gru", "lstm", "residual", "transformer"]
     newllm = trials[trials.family == "newllm"].iloc[0]
-    assert newllm.context_dim == 32 and 0.1 <= newllm.dist_reg_weight <= 0.8  # the space's point, the rest sampled
+    assert newllm.context_dim == 16 and 0.1 <= newllm.dist_reg_weight <= 0.8  # the space's point, the rest sampled
     baselines = trials[trials.family == "baseline"]
     assert len(baselines) == 3 and (baselines[MATCHED] == newllm.trial_id).all()
     assert trials[trials.family == "newllm"][MATCHED].isna().all()

@@ -180,24 +180,32 @@ class FakeContext:
         return {"CPU": 1}
 
 
-def test_a_trial_retried_in_its_second_replicate_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
-    import dataclasses
+def run_without_ray(root, monkeypatch, config: dict, space, data, start=None) -> FakeTune:
+    """``run_trial`` of ``config`` with ``ray.tune`` replaced by a FakeTune in ``root``, starting
+    from the checkpoint ``start``."""
     from types import SimpleNamespace
 
     from newllm import trainable
+
+    monkeypatch.setattr(trainable, "ray", SimpleNamespace(get_runtime_context=FakeContext))
+    fake = FakeTune(root, start)
+    root.mkdir()
+    monkeypatch.setattr(trainable, "tune", fake)
+    trainable.run_trial(config, space, data)
+    return fake
+
+
+def test_a_trial_retried_in_its_second_replicate_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    import dataclasses
+
     from newllm.space import parse_space
 
     space = dataclasses.replace(parse_space(STOP_SPACE, "stop.yaml"), repeats=2)
     data = prepare_data(DataConfig(**space.data, cache_dir=str(tmp_path / "cache")))
     config = {"phase2_lr": 0.003, "gate_train_er": 0.0}
-    monkeypatch.setattr(trainable, "ray", SimpleNamespace(get_runtime_context=FakeContext))
 
     def run(name: str, start=None) -> FakeTune:
-        fake = FakeTune(tmp_path / name, start)
-        (tmp_path / name).mkdir()
-        monkeypatch.setattr(trainable, "tune", fake)
-        trainable.run_trial(config, space, data)
-        return fake
+        return run_without_ray(tmp_path / name, monkeypatch, config, space, data, start)
 
     whole = run("whole")
     assert [r["replicate"] for r in whole.rows if r["phase"] == "analysis"] == [0, 1]
@@ -222,23 +230,16 @@ def test_a_trial_retried_in_its_second_replicate_ends_as_the_uninterrupted_one(t
 
 def test_a_retried_baseline_trial_starts_again_and_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
     import dataclasses
-    from types import SimpleNamespace
 
-    from newllm import trainable
     from newllm.baselines import baseline_stream_metrics
     from newllm.space import Baselines, parse_space
 
     space = dataclasses.replace(parse_space(STOP_SPACE, "stop.yaml"), baselines=Baselines())
     data = prepare_data(DataConfig(**space.data, cache_dir=str(tmp_path / "cache")))
     config = space.baseline_trial("gru", POINTS[0], {"phase2_lr": 0.01}, data.vocab_size)
-    monkeypatch.setattr(trainable, "ray", SimpleNamespace(get_runtime_context=FakeContext))
 
     def run(name: str, start=None) -> FakeTune:
-        fake = FakeTune(tmp_path / name, start)
-        (tmp_path / name).mkdir()
-        monkeypatch.setattr(trainable, "tune", fake)
-        trainable.run_trial(config, space, data)
-        return fake
+        return run_without_ray(tmp_path / name, monkeypatch, config, space, data, start)
 
     whole = run("whole")
     assert [r["phase"] for r in whole.rows] == ["phase2"] * 3 + ["final"]
