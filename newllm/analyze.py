@@ -277,8 +277,11 @@ SHORT_NAMES = {"train_effective_rank_fraction": "train ER / C", "val_effective_r
 def top_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
     table = figures.top_trials(trials, distributions).rename(columns=SHORT_NAMES)
     body = table.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}", classes="trials")
-    return Section("Top trials", f"The {len(table)} trials of lowest objective with their results and searched "
-                   "parameters.", body=f'<div class="wide">{body}</div>')
+    baselines = figures.is_baseline(trials).any()
+    which = (f"The {int((table.family != 'baseline').sum())} New-LLM trials of lowest objective, then the best trial "
+             "of each baseline architecture," if baselines else f"The {len(table)} trials of lowest objective")
+    return Section("Top trials", f"{which} with their results and searched parameters.",
+                   body=f'<div class="wide">{body}</div>')
 
 
 def _note(text: str) -> str:

@@ -434,8 +434,11 @@ def curves_figure(iterations: pd.DataFrame, trials: pd.DataFrame, phase: str, co
     data = curves(iterations, phase, list(columns))
     fig = make_subplots(rows=1, cols=len(columns), horizontal_spacing=0.1)
     trial_ids = list(dict.fromkeys(data.trial_id))
+    # a baseline's architecture: from its trials row, or (still running) from its reported rows
+    reported = iterations[is_baseline(iterations)] if "architecture" in iterations else iterations.iloc[:0]
     base = baseline_trials(trials)
-    architectures = dict(zip(base["trial_id"], base["architecture"])) if "architecture" in base else {}
+    architectures = {**dict(zip(reported["trial_id"], reported.get("architecture", []))),
+                     **(dict(zip(base["trial_id"], base["architecture"])) if "architecture" in base else {})}
     shown: set[str] = set()
     for trial_id, status in zip(trial_ids, trial_status(trials, trial_ids)):
         rows = data[data.trial_id == trial_id]
@@ -504,11 +507,17 @@ RESULT_COLUMNS = ["trial_id", "status", "val_ppl", "val_acc", "num_params", "num
 
 def top_trials(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution], n: int = 10) -> pd.DataFrame:
     """The ``n`` trials of lowest objective (penalised ones last), with results and the searched
-    parameters; with baselines among the trials, each one's family and architecture."""
-    family = ["family", "architecture"] if is_baseline(trials).any() else []
+    parameters; with baselines among the trials, the ``n`` best New-LLM trials (the configurations
+    the search is about) and then the best trial of each baseline architecture, with their family
+    and architecture."""
+    baseline = is_baseline(trials)
+    family = ["family", "architecture"] if baseline.any() else []
     columns = [c for c in dict.fromkeys([*RESULT_COLUMNS[:2], *family, *RESULT_COLUMNS[2:], *distributions])
                if c in trials]
-    top = trials.sort_values("objective", kind="stable", na_position="last").head(n)
+    ranked = trials.sort_values("objective", kind="stable", na_position="last")
+    top = ranked[~baseline[ranked.index]].head(n)
+    if baseline.any():
+        top = pd.concat([top, ranked[baseline[ranked.index]].drop_duplicates("architecture")])
     table = top[columns].reset_index(drop=True)
     if "replicates" in trials and trials.replicates.gt(1).any():
         # replicates: the objective is their mean; val_ppl is replicate 0's (the saved model's)

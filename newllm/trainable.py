@@ -3,7 +3,7 @@
 A New-LLM trial and a baseline trial (LSTM, GRU, transformer) run through the same function.
 
 Reported rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective``,
-``family``, ``num_params`` and ``num_params_non_embedding`` (Tune checks the metric in every
+``family``, ``architecture``, ``num_params`` and ``num_params_non_embedding`` (Tune checks the metric in every
 report; OptunaSearch reads the last one); a baseline has no ``phase1`` or ``analysis`` rows:
 
 - ``phase1``, step = pass: cvfp/dist loss, converged ratio, train effective rank, lr, seconds;
@@ -117,7 +117,7 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resum
                   where: dict, kept: dict) -> dict:
     """One run of the trial (``newllm.run.train``), reporting its rows and checkpoints; returns its
     summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial."""
-    size = {"family": cfg.family, "num_params": model.num_params(),
+    size = {"family": cfg.family, "architecture": cfg.architecture, "num_params": model.num_params(),
             "num_params_non_embedding": model.num_params(non_embedding=True)}
 
     def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:

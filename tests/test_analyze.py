@@ -312,6 +312,12 @@ def test_phase2_curves_draw_baselines_dashed_by_architecture():
                                                          ("gru (baseline)", "dash")]
     assert "t006, lstm baseline, passed" in fig.data[1].hovertemplate
     assert fig.data[1].line.color != fig.data[2].line.color
+    # a baseline still running (no trials row yet) is known by its reported rows
+    running = pd.DataFrame([("t010", 1, "phase2", 1, 99.0, "baseline", "gru")],
+                           columns=["trial_id", "attempt", "phase", "step", "val_ppl", "family", "architecture"])
+    fig = figures.phase2_figure(pd.concat([iterations.assign(family=None, architecture=None), running]), trials)
+    assert ("gru (baseline)", "dash") in [(t.name, t.line.dash) for t in fig.data]
+    assert any("t010, gru baseline, running" in t.hovertemplate for t in fig.data)
 
 
 def test_report_with_baselines_and_floors(tmp_path, capsys):
@@ -333,7 +339,9 @@ def test_report_with_baselines_and_floors(tmp_path, capsys):
     assert "unigram floor 400" in html and "<th>family</th>" in html and "<th>non-embedding params</th>" in html
     table = figures.top_trials(trials, {})
     assert list(table.columns[:4]) == ["trial_id", "status", "family", "architecture"]
-    assert table.trial_id.tolist()[:3] == ["t007", "t006", "t002"]
+    # the New-LLM trials first (the configurations searched), then the best of each baseline architecture
+    assert table.trial_id.tolist() == ["t002", "t003", "t000", "t005", "t001", "t004", "t007", "t006", "t008"]
+    assert "then the best trial of each baseline architecture" in html
     assert "family" not in figures.top_trials(make_trials(val_ppl=[60, 70]), {})
 
 
