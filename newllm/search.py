@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"runs {space.repeats} (repeats): use --scheduler none")
         data_cfg = DataConfig(**space.data)
         storage = optuna_storage(args, exp_dir)
-        taken = [s for s in study_names(args.name, space).values() if study_exists(storage, s)]
+        existing = existing_studies(storage)
+        taken = [s for s in study_names(args.name, space).values() if s in existing]
         if not args.resume and taken:
             raise ValueError(f"the Optuna storage {storage} already holds a study named {taken[0]!r}: choose "
                              f"another --name, or another --optuna-storage")
@@ -470,12 +471,13 @@ def open_storage(storage: str):
     return optuna.storages.JournalStorage(JournalFileBackend(storage))
 
 
-def study_exists(storage: str, name: str) -> bool:
+def existing_studies(storage: str) -> set[str]:
+    """The names of the studies ``storage`` holds (none in a journal not written yet)."""
     if "://" not in storage and not Path(storage).exists():
-        return False
+        return set()
     import optuna
 
-    return any(s.study_name == name for s in optuna.study.get_all_study_summaries(open_storage(storage)))
+    return {s.study_name for s in optuna.study.get_all_study_summaries(open_storage(storage))}
 
 
 def fail_left_running(storage, name: str) -> None:
@@ -660,10 +662,11 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, data=data),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    studies = None if storage is None else open_storage(storage)
     if args.resume:
-        if storage is not None:
+        if studies is not None:
             for study in study_names(args.name, space).values():
-                fail_left_running(open_storage(storage), study)
+                fail_left_running(studies, study)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
         metrics = space.metrics
@@ -671,7 +674,7 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
         searchers = {
             k: StudySearch(space=space.params if k == NEWLLM else space.baselines.params, metric=metric, mode=mode,
                            sampler=optuna.samplers.TPESampler(seed=args.seed, multivariate=True, constant_liar=True),
-                           study_name=study, storage=None if storage is None else open_storage(storage))
+                           study_name=study, storage=studies)
             for k, study in study_names(args.name, space).items()}
         for point in [*space.points, *(points or [])]:
             # enqueued in the study, the sampler proposes what a point leaves out

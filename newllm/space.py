@@ -82,19 +82,19 @@ class SpaceError(ValueError):
     """A search space that cannot be run; the message names the file and the problem."""
 
 
+def default_baseline_params() -> dict[str, od.BaseDistribution]:
+    types = field_types()
+    return {name: _distribution(name, spec, types[name], "DEFAULT_BASELINE_PARAMS")
+            for name, spec in DEFAULT_BASELINE_PARAMS.items()}
+
+
 @dataclass(frozen=True)
 class Baselines:
     """A space's baselines: the architectures, and what each one's own study searches and fixes."""
 
     architectures: tuple[str, ...] = BASELINE_ARCHITECTURES
-    params: dict[str, od.BaseDistribution] = field(default_factory=lambda: default_baseline_params())
+    params: dict[str, od.BaseDistribution] = field(default_factory=default_baseline_params)
     fixed: dict[str, object] = field(default_factory=dict)
-
-
-def default_baseline_params() -> dict[str, od.BaseDistribution]:
-    types = field_types()
-    return {name: _distribution(name, spec, types[name], "DEFAULT_BASELINE_PARAMS")
-            for name, spec in DEFAULT_BASELINE_PARAMS.items()}
 
 
 @dataclass(frozen=True)
@@ -138,14 +138,13 @@ class SearchSpace:
         so that a size no baseline can match fails before the search starts (SpaceError)."""
         if self.baselines is None:
             return
-        seen = set()
+        seen, own = set(), self.baselines.params
         for values in itertools.islice(itertools.product(*(_ends(d) for d in self.params.values())), MAX_CORNERS):
             matched = dict(zip(self.params, values))
             cfg = self.trial_config(matched)
-            own = self.baselines.params
             for arch, own_values in itertools.product(self.baselines.architectures,
                                                       itertools.product(*(_ends(d) for d in own.values()))):
-                key = (arch, cfg.non_embedding_params(vocab_size), cfg.embed_dim, cfg.num_layers, own_values)
+                key = (arch, cfg.non_embedding_params(vocab_size), *(getattr(cfg, k) for k in INHERITED), own_values)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -376,9 +375,7 @@ def parse_points(raw, params: dict[str, od.BaseDistribution], where: str) -> tup
 
 def parse_baselines(raw, where: str, types: dict[str, type]) -> Baselines:
     """The baselines section of a space (``None`` or ``{}``: every architecture, default params)."""
-    raw = raw or {}
-    if raw is True:
-        raw = {}
+    raw = {} if raw is None or raw is True else raw
     if not isinstance(raw, dict) or set(raw) - BASELINE_KEYS:
         raise SpaceError(f"{where}: baselines must be a mapping with keys from {sorted(BASELINE_KEYS)}")
     architectures = raw.get("architectures", list(BASELINE_ARCHITECTURES))

@@ -117,12 +117,12 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resum
                   where: dict, kept: dict) -> dict:
     """One run of the trial (``newllm.run.train``), reporting its rows and checkpoints; returns its
     summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial."""
-    size = {"family": cfg.family, "architecture": cfg.architecture, "num_params": model.num_params(),
-            "num_params_non_embedding": model.num_params(non_embedding=True)}
+    model_info = {"family": cfg.family, "architecture": cfg.architecture, "num_params": model.num_params(),
+                  "num_params_non_embedding": model.num_params(non_embedding=True)}
 
     def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({"phase": phase, "step": step, "replicate": replicate, **size, **where, **row},
+        tune.report({"phase": phase, "step": step, "replicate": replicate, **model_info, **where, **row},
                     checkpoint=checkpoint)
 
     def save(d: str, result: TrainResult, state: Phase2State | None = None) -> None:
