@@ -41,6 +41,7 @@ from newllm.config import data_config_from_args
 from newllm.data import TokenData, prepare_data
 from newllm.run import build_model, train
 from newllm.space import SearchSpace, load_space, resolve_space
+from newllm.storage import optuna_storage
 
 _worker: dict = {}
 
@@ -86,7 +87,7 @@ def run_tuner(args, space: SearchSpace, data: TokenData, configs: list[dict], sl
     exp_dir = f"{root}/round{round_}"
     # as the command runs it: the Optuna study in its journal, the checkpoints pruned at the end
     search.run_search(search_args, space, data, len(configs), slots, exp_dir, points=configs,
-                      storage=search.optuna_storage(search_args, exp_dir))
+                      storage=optuna_storage(None, search_args.name, exp_dir))
     t2 = time.perf_counter()
     ray.shutdown()
     return t1 - t0, t2 - t1, time.perf_counter() - t2

@@ -156,12 +156,17 @@ class PartsTable:
         return parts
 
     def read_file(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        """The file at ``path``; of ``columns``, those it has."""
+        """The file at ``path``; of ``columns``, those it has. ValueError naming a damaged file."""
         with self.fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            names = parquet.schema_arrow.names
-            return parquet.read(columns=None if columns is None else [c for c in columns if c in names],
-                                use_threads=False)  # threads only slow down small files
+            try:
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                return parquet.read(columns=None if columns is None else [c for c in columns if c in names],
+                                    use_threads=False)  # threads only slow down small files
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}): a "
+                                 f"damaged copy? Restore it, or move it out of {self.root} to go on without "
+                                 f"its rows") from None
 
     def read(self, columns: list[str] | None = None) -> pa.Table | None:
         """The rows of every live part in write order (None if there is none). A part deleted
@@ -248,6 +253,12 @@ def load(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     return tuple(pd.DataFrame() if t is None else t.to_pandas() for t in (trials, iterations))
 
 
+def checkpoint_dir(experiment: str | os.PathLike, checkpoint_path: str) -> str:
+    """Where a trials row's ``checkpoint_path``, stored relative to the experiment directory so
+    that a moved or copied experiment keeps working, is now."""
+    return f"{str(experiment).rstrip('/')}/{checkpoint_path}"
+
+
 def rows_table(rows: list[dict]) -> pa.Table:
     """Rows with possibly different keys as one table, columns by first appearance; a key that a
     row lacks is null there."""
@@ -298,6 +309,8 @@ class ParquetResults(Callback):
         self._nodes: dict[str, list[str]] = {}   # per running trial, the node id of each attempt
         self._landed: set[str] = set()           # trials whose row is written
         self._last_flush = 0.0
+        self._failure: OSError | None = None     # a row's write error, for on_step_begin to raise
+        self._reconciled = False
 
     def setup(self, **info) -> None:
         """Open the tables and read, once, what a previous driver of this experiment wrote: the
@@ -342,27 +355,48 @@ class ParquetResults(Callback):
         if result.get("should_checkpoint") or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        """Raise the write error of a trial's row, which Tune would swallow where it happened;
+        at the first step of a resumed search, land the rows of the finished trials that have
+        none (their driver died, or its disk filled, between the finish and the write)."""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if not self._reconciled:
+            self._reconciled = True
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR"):
+                    self._finish(trial, error=trial.status == "ERROR")
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, trial.last_result or {})
+        self._finish_or_keep_error(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, {**(trial.last_result or {}), "status": "error"})
+        self._finish_or_keep_error(trial, error=True)
+
+    def _finish_or_keep_error(self, trial, error: bool) -> None:
+        try:
+            self._finish(trial, error)
+        except OSError as e:  # Tune logs and ignores a callback's error here: on_step_begin raises it
+            self._failure = e
 
     def on_experiment_end(self, trials, **info) -> None:
-        """Compact both tables. The iteration rows of trials that Tune no longer knows go: a
-        driver killed after starting a trial, before Tune's next snapshot of its state, leaves
-        rows of a trial that the resumed search never runs again (it runs a new one instead)."""
+        """Compact both tables. The iteration rows of trials that Tune no longer knows and that
+        never landed go: a driver killed after starting a trial, before Tune's next snapshot of
+        its state, leaves rows of a trial that the resumed search never runs again (it runs a new
+        one instead). A landed trial's rows always stay."""
         self.flush()
-        known = pa.array([t.trial_id for t in trials], pa.string())
+        known = pa.array(sorted({t.trial_id for t in trials} | self._landed), pa.string())
         dropped = self._iterations.compact(keep=lambda rows: rows.filter(pc.is_in(rows.column("trial_id"), known)))
         self._trials.compact()
         if dropped:
             print(f"Dropped {dropped} iteration rows of trials that a killed driver had started and the resumed "
                   f"search replaced", flush=True)
 
-    def _finish(self, trial, result: dict) -> None:
+    def _finish(self, trial, error: bool) -> None:
         if trial.trial_id in self._landed:
             return
+        result = {**(trial.last_result or {}), **({"status": "error"} if error else {})}
         self.flush()
         row = self.trial_row(trial, result, self._nodes.pop(trial.trial_id, []))
         self._trials.append(self._trial_table(row))

@@ -11,9 +11,15 @@ Run it locally, or inside ``ray job submit`` where it attaches to the cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
+import logging
 import os
 import pickle
+import posixpath
+import re
+import shlex
 import sys
 import time
 import warnings
@@ -22,7 +28,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from newllm import __version__
@@ -37,6 +43,8 @@ from newllm.config import (
 )
 from newllm.data import DataConfig, prepare_data
 from newllm.floors import floors, floors_line, record_floors, recorded_floors
+from newllm.lock import LOCK_FILE, ExperimentHeld, ExperimentLock
+from newllm.results import TRIALS_FILE, PartsTable, checkpoint_dir, filesystem, load
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
 from newllm.space import (
     MATCHED,
@@ -49,9 +57,24 @@ from newllm.space import (
     recorded_space,
     resolve_space,
 )
+from newllm.storage import (
+    check_optuna_storage,
+    check_storage_path,
+    existing_studies,
+    fail_left_running,
+    open_storage,
+    optuna_storage,
+    repair_journal,
+    storage_root,
+    storage_warning,
+)
 
 PROGRESS_SECONDS = 10.0
-OPTUNA_JOURNAL = "optuna.journal"
+# an experiment name is one directory name that every file system and object store takes
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+RESOURCE_POLL_SECONDS = 1.0
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
 # at each rung a trial continues only if its best val perplexity is in the best 1/ASHA_REDUCTION
 # of the trials that reached it
@@ -89,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train LSTM, GRU and transformer baselines, one of each per New-LLM trial at its "
                         "non-embedding parameter count (within 10%%), each architecture's learning rate from its "
                         "own study (default: when the space has a baselines section)")
+    p.add_argument("--resource-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="on a cluster whose nodes may still join (an autoscaler): wait this long for a node "
+                        "that fits one trial's CPUs and GPUs before giving up (default: %(default)s, give up at "
+                        "once)")
     p.add_argument("--repeats", type=int,
                    help="runs of each sampled configuration, seeds seed, seed + 1, ...: Optuna gets their mean "
                         "objective (default: the space's repeats, else 1)")
@@ -101,51 +128,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the first option that cannot be right, whatever else is given."""
     for name in ("num_trials", "concurrency", "cpus_per_trial", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.gpus_per_trial < 0:
-        raise ValueError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    for name in ("gpus_per_trial", "resource_wait"):
+        value = getattr(args, name)
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
     if args.resume and not args.name:
         raise ValueError("--resume needs --name: the experiment to continue")
+    if args.name is not None:
+        check_name(args.name)
     if args.local and args.address:
         raise ValueError("--local starts its own Ray; it cannot go with --address")
+    check_storage_path(args.storage_path)
 
 
-def storage_root(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
+def check_name(name: str) -> None:
+    """ValueError unless ``name`` is a safe experiment name: one path component."""
+    if not (NAME_PATTERN.fullmatch(name) and len(name) <= NAME_MAX):
+        raise ValueError(f"--name {name!r} is not an experiment name: use letters, digits, '.', '_' and '-', "
+                         f"starting with a letter or digit, at most {NAME_MAX} characters (it names a directory)")
+
+
+def default_name(space: str) -> str:
+    """``<space file stem>-<time>``, with the stem's unsafe characters replaced."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(space).stem).lstrip("._-")[:NAME_MAX - 16] or "search"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def experiment_dir(args: argparse.Namespace) -> str:
     return f"{storage_root(args.storage_path).rstrip('/')}/{args.name}"
-
-
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "beegfs", "glusterfs", "fuse")
-
-
-def filesystem_type(path: str) -> str | None:
-    """The type of the file system holding ``path`` (Linux /proc/mounts), or None if unknown."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    path = os.path.realpath(path)
-    inside = [(m, t) for m, t in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
-    return max(inside, key=lambda mt: len(mt[0]))[1] if inside else None
-
-
-def storage_warning(storage: str, num_nodes: int) -> str | None:
-    """A warning when a multi-node cluster gets a storage path that only this machine sees."""
-    if num_nodes <= 1 or "://" in storage:
-        return None
-    fs = filesystem_type(storage)
-    if fs is not None and fs.split(".")[0] in NETWORK_FILESYSTEMS:
-        return None
-    return (f"warning: --storage-path {storage} is a local directory ({fs or 'unknown'} file system), but the "
-            f"Ray cluster has {num_nodes} nodes. Trials on other machines would write their checkpoints to "
-            f"their own disks, where a retry on another node and this driver cannot find them. Use storage "
-            f"every node mounts (NFS), or s3:// / gs://. (Fine if every node runs on this machine.)")
 
 
 # --- rows and reports ---------------------------------------------------------------------
@@ -186,10 +203,12 @@ class TrialRow:
     a restarted driver made Tune run it again) and ``phase1_restored`` whether the attempt that
     finished started from the Phase 1 checkpoint instead of running Phase 1. The settings that
     mean nothing to the trial's family are null; a baseline's ``matched_trial_id`` names the
-    New-LLM trial it was sized to."""
+    New-LLM trial it was sized to. ``checkpoint_path`` is relative to the experiment directory
+    ``experiment``, so that a moved or copied experiment finds its own checkpoints."""
 
     space: SearchSpace
     versions: dict
+    experiment: str
 
     def __call__(self, trial, result: dict, node_ids: list[str]) -> dict:
         ended = outcome(result)
@@ -203,7 +222,11 @@ class TrialRow:
         cfg = self.space.trial_config(trial.config)
         settings = {k: v if k in family_fields(cfg.family) else None for k, v in cfg.to_dict().items()}
         return {"trial_id": trial.trial_id, **summary, **where, **settings, MATCHED: trial.config.get(MATCHED),
-                "checkpoint_path": checkpoint.path if checkpoint is not None else None, **self.versions}
+                "checkpoint_path": None if checkpoint is None else self.relative(checkpoint.path), **self.versions}
+
+    def relative(self, path: str) -> str:
+        """A checkpoint's path (on its file system) relative to the experiment directory."""
+        return posixpath.relpath(path, filesystem(self.experiment)[1])
 
     @staticmethod
     def dtypes() -> dict[str, str]:
@@ -244,6 +267,7 @@ class Progress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.finished[trial.trial_id] = "error"
         self.latest.pop(trial.trial_id, None)
+        print(f"Trial {trial.trial_id} failed: {failure_line(trial)}", flush=True)
         self.print_line()
 
     def print_line(self):
@@ -264,6 +288,17 @@ class Progress(Callback):
             print(f"          {tid}: {_describe(r)}", flush=True)
 
 
+def failure_line(trial) -> str:
+    """The last line of a failed trial's traceback, and where the whole of it is."""
+    path = trial.error_file
+    try:
+        last = Path(path).read_text(errors="replace").strip().splitlines()[-1]
+    except (OSError, TypeError, IndexError):
+        last = "no error file"
+    where = f"{trial.path}/{Path(path).name}" if path else trial.path
+    return f"{' '.join(last.split())[:300]} (traceback: {where})"
+
+
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -280,8 +315,6 @@ def _describe(r: dict) -> str:
 def print_summary(directory: str, space: SearchSpace) -> None:
     """The end-of-search table, best configuration and the gate's saving, from trials.parquet."""
     import pandas as pd
-
-    from newllm.results import load
 
     trials, _ = load(directory)
     searched = list(space.params)
@@ -329,58 +362,79 @@ def print_summary(directory: str, space: SearchSpace) -> None:
 # --- main ---------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        args.name = args.name or f"{Path(resolve_space(args.space or 'laptop')).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        from ray import tune
+@dataclass
+class Plan:
+    """A search that passed every check: what it runs, on what data, and where it keeps things."""
 
-        exp_dir = experiment_dir(args)
-        exists = tune.Tuner.can_restore(exp_dir)
-        if args.resume and not exists:
-            raise ValueError(f"--resume: no experiment to continue at {exp_dir}")
-        if not args.resume and (exists or ("://" not in exp_dir and Path(exp_dir).exists())):
-            raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
-        space = recorded_space(exp_dir) if args.resume else None
-        given = ["--space"] * (args.space is not None) + ["--repeats"] * (args.repeats is not None) + \
-            data_flags_given(args)
-        if space is None:  # a new search (or one of an earlier newllm, which recorded no space)
-            space = space_from_args(args)
-        elif given and (diff := space_differences(space, space_from_args(args))):
-            raise ValueError(f"--resume continues with {exp_dir}/{SPACE_FILE}, the space this experiment recorded, "
-                             f"but {', '.join(given)} give another ({', '.join(diff)} differ): drop them")
-        if args.baselines and space.baselines is None:
-            if args.resume:
-                raise ValueError("--resume continues the experiment as it was recorded: --baselines cannot add "
-                                 "baselines to it")
-            space = dataclasses.replace(space, baselines=Baselines())
-        if args.scheduler == "asha" and space.repeats > 1:
-            raise ValueError(f"--scheduler asha compares one run per trial at each Phase 2 epoch, but each trial "
-                             f"runs {space.repeats} (repeats): use --scheduler none")
-        data_cfg = DataConfig(**space.data)
-        storage = optuna_storage(args, exp_dir)
-        existing = existing_studies(storage)
-        taken = [s for s in study_names(args.name, space).values() if s in existing]
-        if not args.resume and taken:
-            raise ValueError(f"the Optuna storage {storage} already holds a study named {taken[0]!r}: choose "
-                             f"another --name, or another --optuna-storage")
-        data = prepare_data(data_cfg)
-        space.check_baselines(data.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    space: SearchSpace
+    data_cfg: DataConfig
+    data: object  # TokenData
+    exp_dir: str
+    storage: str  # the Optuna storage (``storage.optuna_storage``)
+    num_trials: int
 
-    num_trials = args.num_trials or space.num_trials
-    print(f"newllm {__version__} search '{args.name}': {num_trials} trials of {space.path} "
-          f"({', '.join(space.params)}), objectives {space.objectives}")
-    if space.baselines is not None:
-        print(baselines_line(space, num_trials))
-    print(f"Data: {data_cfg.source}, {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, "
-          f"vocab {data.vocab_size}")
-    data_floors = floors(data.train_ids, data.val_ids, data.vocab_size)
-    print(floors_line(data_floors))
 
+def plan_search(args: argparse.Namespace) -> Plan:
+    """Check every option, the space, the experiment and the storages, and prepare the data;
+    ValueError (or ExperimentHeld) names what is wrong. Writes nothing but the tokenizer cache."""
+    check_args(args)
+    args.name = args.name or default_name(resolve_space(args.space or "laptop"))
+    from ray import tune
+
+    exp_dir = experiment_dir(args)
+    ExperimentLock(exp_dir).check_free()
+    exists = tune.Tuner.can_restore(exp_dir)
+    if args.resume and not exists:
+        started = recorded_space(exp_dir) is not None
+        raise ValueError(f"--resume: no experiment to continue at {exp_dir}" + (
+            " (its driver stopped before Tune saved any state: remove the directory and start it again)"
+            if started else ""))
+    if not args.resume and (exists or has_content(exp_dir)):
+        raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
+    if args.resume:
+        with contextlib.suppress(FileNotFoundError):  # (no row reported yet)
+            load(exp_dir)  # every part file readable (ValueError naming a damaged one) before Tune appends
+    space = recorded_space(exp_dir) if args.resume else None
+    given = ["--space"] * (args.space is not None) + ["--repeats"] * (args.repeats is not None) + \
+        data_flags_given(args)
+    if space is None:  # a new search
+        space = space_from_args(args)
+    elif given and (diff := space_differences(space, space_from_args(args))):
+        raise ValueError(f"--resume continues with {exp_dir}/{SPACE_FILE}, the space this experiment recorded, "
+                         f"but {', '.join(given)} give another ({', '.join(diff)} differ): drop them")
+    if args.baselines and space.baselines is None:
+        if args.resume:
+            raise ValueError("--resume continues the experiment as it was recorded: --baselines cannot add "
+                             "baselines to it")
+        space = dataclasses.replace(space, baselines=Baselines())
+    if args.scheduler == "asha" and space.repeats > 1:
+        raise ValueError(f"--scheduler asha compares one run per trial at each Phase 2 epoch, but each trial "
+                         f"runs {space.repeats} (repeats): use --scheduler none")
+    data_cfg = DataConfig(**space.data)
+    storage = optuna_storage(args.optuna_storage, args.name, exp_dir)
+    check_optuna_storage(storage, given=args.optuna_storage is not None)
+    existing = existing_studies(storage)
+    names = study_names(args.name, space).values()
+    taken = [s for s in names if s in existing]
+    if not args.resume and taken:
+        raise ValueError(f"the Optuna storage {storage} already holds a study named {taken[0]!r}: choose "
+                         f"another --name, or another --optuna-storage")
+    if args.resume and (missing := [s for s in names if s not in existing]):
+        raise ValueError(f"the Optuna storage {storage} holds no study named {missing[0]!r}: pass the "
+                         f"--optuna-storage that the search started with")
+    data = prepare_data(data_cfg)
+    space.check_baselines(data.vocab_size)
+    return Plan(space, data_cfg, data, exp_dir, storage, args.num_trials or space.num_trials)
+
+
+def has_content(exp_dir: str) -> bool:
+    """Whether a local experiment directory holds anything but a driver's claim."""
+    return "://" not in exp_dir and Path(exp_dir).is_dir() and any(
+        p.name != LOCK_FILE for p in Path(exp_dir).iterdir())
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    """Attach to the cluster, or start a local Ray (``--local``, or no cluster given)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -394,6 +448,104 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def check_resources(args: argparse.Namespace) -> None:
+    """ValueError when no node of the cluster fits one trial's CPUs and GPUs: the search would
+    wait forever. With ``--resource-wait`` (a cluster whose autoscaler may add nodes) wait that
+    long for one first."""
+    import ray
+
+    need = {k: v for k, v in (("CPU", args.cpus_per_trial), ("GPU", args.gpus_per_trial)) if v > 0}
+
+    def fits() -> bool:
+        return any(n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in ray.nodes())
+
+    if fits():
+        return
+    largest = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)),
+                  default={})
+    message = (f"no node of the Ray cluster fits one trial's {args.cpus_per_trial} CPU(s) and "
+               f"{args.gpus_per_trial:g} GPU(s): its largest has {largest.get('CPU', 0):g} CPUs and "
+               f"{largest.get('GPU', 0):g} GPUs; lower --cpus-per-trial / --gpus-per-trial")
+    if args.local or args.resource_wait <= 0:
+        raise ValueError(message + ("" if args.local else ", or give --resource-wait SECONDS if nodes may join"))
+    print(f"Waiting up to {args.resource_wait:g} s for a node with {args.cpus_per_trial} CPU(s) and "
+          f"{args.gpus_per_trial:g} GPU(s) to join the cluster...", flush=True)
+    deadline = time.monotonic() + args.resource_wait
+    while time.monotonic() < deadline:
+        time.sleep(RESOURCE_POLL_SECONDS)  # polling the cluster's node list: nothing to wait on
+        if fits():
+            return
+    raise ValueError(f"{message} (none joined in {args.resource_wait:g} s)")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this search."""
+    words = ["python -m newllm.search --resume --name", args.name, "--storage-path", args.storage_path]
+    if args.optuna_storage:
+        words += ["--optuna-storage", args.optuna_storage]
+    if args.local:
+        words.append("--local")
+    return " ".join(w if w.startswith("python") or w.startswith("--") else shlex.quote(w) for w in words)
+
+
+def fault_line(error: OSError, exp_dir: str) -> str:
+    """An I/O error in one line, naming its path (else the experiment's, where the search writes)."""
+    what = error.strerror or " ".join(str(error).split())
+    return f"{error.filename}: {what}" if error.filename else f"{what} (writing to {exp_dir})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = plan_search(args)
+    except (ValueError, FileNotFoundError, ExperimentHeld) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    space, data, exp_dir, storage = plan.space, plan.data, plan.exp_dir, plan.storage
+    print(f"newllm {__version__} search '{args.name}': {plan.num_trials} trials of {space.path} "
+          f"({', '.join(space.params)}), objectives {space.objectives}")
+    if space.baselines is not None:
+        print(baselines_line(space, plan.num_trials))
+    print(f"Data: {plan.data_cfg.source}, {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens, "
+          f"vocab {data.vocab_size}")
+    data_floors = floors(data.train_ids, data.val_ids, data.vocab_size)
+    print(floors_line(data_floors))
+
+    import ray
+
+    start_ray(args)
+    lock = ExperimentLock(exp_dir)
+    try:
+        check_resources(args)
+        lock.acquire()
+        if not args.resume and has_content(exp_dir):  # another driver ran it since plan_search looked
+            raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
+    except (ValueError, ExperimentHeld) as e:
+        lock.release()
+        ray.shutdown()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    resume = f"what had landed is kept; continue with: {resume_command(args)}"
+    try:
+        return run_claimed(args, plan, data_floors)
+    except KeyboardInterrupt:
+        print(f"interrupted: {resume}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {fault_line(e, plan.exp_dir)}; {resume}", file=sys.stderr)
+        return 1
+    finally:
+        lock.release()
+
+
+def run_claimed(args: argparse.Namespace, plan: Plan, data_floors: dict) -> int:
+    """The search, on an experiment this driver holds: 0 when every trial finished, 130 when it
+    was interrupted."""
+    import ray
+
+    space, exp_dir, storage = plan.space, plan.exp_dir, plan.storage
     warning = storage_warning(storage_root(args.storage_path), sum(n["Alive"] for n in ray.nodes()))
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -402,11 +554,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Ray: {cpus} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; {concurrency} trials at once, "
           f"{args.cpus_per_trial} CPU(s) and {args.gpus_per_trial:g} GPU(s) each\nExperiment: {exp_dir}")
     print(f"Optuna study '{args.name}' in {storage}: watch it with optuna-dashboard {storage}\n", flush=True)
-
+    if "://" not in storage and (aside := repair_journal(storage)):
+        print(f"Repaired the Optuna journal {storage}: its last record was cut off mid-write and is kept in "
+              f"{aside}", flush=True)
     if not args.resume:
         record_space(exp_dir, space)
         record_floors(exp_dir, data_floors)
-    run_search(args, space, data, num_trials, concurrency, exp_dir, storage=storage)
+    if not run_search(args, space, plan.data, plan.num_trials, concurrency, exp_dir, storage=storage):
+        print(f"interrupted: the search stopped after saving its state; what had landed is kept; continue "
+              f"with: {resume_command(args)}", file=sys.stderr)
+        return 130
     print_summary(exp_dir, space)
     print(f"Report: {write_report(exp_dir, distributions=space.params)}")
     return 0
@@ -449,48 +606,6 @@ def data_flags_given(args: argparse.Namespace) -> list[str]:
     return [flag for name, flag in data_flags().items() if getattr(args, name) is not None]
 
 
-def optuna_storage(args: argparse.Namespace, exp_dir: str) -> str:
-    """Where the Optuna study lives: --optuna-storage, else a journal in the experiment directory,
-    else (an experiment on object storage, where a file cannot be appended) beside the driver."""
-    if args.optuna_storage:
-        return args.optuna_storage
-    if "://" in exp_dir:
-        return str(Path(f"{args.name}.optuna.journal").resolve())
-    return f"{exp_dir}/{OPTUNA_JOURNAL}"
-
-
-def open_storage(storage: str):
-    """The Optuna storage object of ``optuna_storage``'s answer: an RDB URL or a journal file."""
-    import optuna
-
-    if "://" in storage:
-        return optuna.storages.get_storage(storage)
-    from optuna.storages.journal import JournalFileBackend
-
-    Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(storage))
-
-
-def existing_studies(storage: str) -> set[str]:
-    """The names of the studies ``storage`` holds (none in a journal not written yet)."""
-    if "://" not in storage and not Path(storage).exists():
-        return set()
-    import optuna
-
-    return {s.study_name for s in optuna.study.get_all_study_summaries(open_storage(storage))}
-
-
-def fail_left_running(storage, name: str) -> None:
-    """Mark FAIL the trials of study ``name`` that a killed driver left RUNNING, so that the
-    sampler stops treating them as pending. The Tune trials behind them run on after the resume,
-    and StudySearch gives Optuna their results then."""
-    import optuna
-
-    for trial in optuna.load_study(study_name=name, storage=storage).get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-
-
 class StudySearch(OptunaSearch):
     """OptunaSearch whose study lives in a storage that outlives the driver. At a resume the study
     may be ahead of the searcher's saved state: a trial that ``fail_left_running`` marked FAIL
@@ -500,20 +615,39 @@ class StudySearch(OptunaSearch):
 
     def _finished_in_study(self, trial_id: str) -> bool:
         ot_trial = self._ot_trials.get(trial_id)
-        return ot_trial is not None and trial_id not in self._completed_trials and \
-            self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+        if ot_trial is None or trial_id in self._completed_trials:
+            return False
+        try:
+            return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+        except KeyError:  # lost with a cut journal's last record: nothing to tell it
+            return True
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._finished_in_study(trial_id):
             super().on_trial_result(trial_id, result)
 
+    def bind(self, storage) -> None:
+        """Use ``storage``, the study's storage where the experiment is now, for the study and
+        for the Optuna trials of the running Tune trials (a restored searcher still points at
+        the storage of the experiment's first place)."""
+        import optuna
+
+        self._storage = storage
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._sampler)
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
 
+        if trial_id in self._completed_trials:
+            return
         if not self._finished_in_study(trial_id):
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
-        failed = self._ot_study._storage.get_trial(ot_trial._trial_id).state == optuna.trial.TrialState.FAIL
+        try:
+            failed = self._ot_study._storage.get_trial(ot_trial._trial_id).state == optuna.trial.TrialState.FAIL
+        except KeyError:
+            failed = False
         if failed and result and not error:
             values = [result.get(m) for m in self.metric] if isinstance(self.metric, list) \
                 else [result.get(self.metric)]
@@ -553,6 +687,8 @@ class FamilySearch(Searcher):
         self.turn = 0                              # trials proposed so far
         self.owner: dict[str, str] = {}            # trial id -> kind
         self.matched: tuple[str, dict] | None = None  # the latest New-LLM trial: id, sampled values
+        self.storage = None  # the studies' Optuna storage (None: in memory)
+        self.landed: dict[str, dict] = {}  # at a resume: the results of the trials whose rows landed
 
     def suggest(self, trial_id: str):
         kind_ = list(self.searchers)[self.turn % len(self.searchers)]
@@ -573,13 +709,67 @@ class FamilySearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
 
+    def bind(self, storage) -> None:
+        """Use ``storage`` for every study, now and after ``restore``."""
+        self.storage = storage
+        for searcher in self.searchers.values():
+            searcher.bind(storage)
+
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        """The state saved by ``save``, with the storage this searcher was bound to kept."""
+        storage, landed = self.storage, self.landed
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        if storage is not None:
+            self.bind(storage)
+        self.tell_landed(landed)
+
+    def tell_landed(self, landed: dict[str, dict]) -> None:
+        """Tell each study the results of its landed trials that it has not been told: a driver
+        killed between a trial's row and Optuna's record, or a journal whose cut last record was
+        set aside, leaves the study behind the trials table."""
+        for trial_id, result in landed.items():
+            if trial_id in self.owner:
+                self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result)
+
+
+class ExperimentSearch(SearchGenerator):
+    """Tune's trial generator around the search's searcher, which makes every new trial under
+    the experiment directory where the experiment is now. (Tune's own generator, restored,
+    makes them where the experiment began: a moved experiment would write to its old place.)"""
+
+    def __init__(self, searcher: FamilySearch, concurrency: int, exp_dir: str):
+        super().__init__(ConcurrencyLimiter(searcher, max_concurrent=concurrency))
+        self.exp_dir = exp_dir
+
+    @property
+    def family_search(self) -> FamilySearch:
+        return self.searcher.searcher
+
+    def relocate(self, exp_dir: str, storage, landed: dict[str, dict]) -> None:
+        """Make new trials under ``exp_dir``, keep the studies in ``storage`` and, once restored,
+        tell them the ``landed`` results they lack (``FamilySearch.restore``)."""
+        self.exp_dir = exp_dir
+        self.family_search.landed = landed
+        if storage is not None:
+            self.family_search.bind(storage)
+
+    def create_trial_if_possible(self, experiment_spec: dict):
+        return super().create_trial_if_possible({**experiment_spec, "storage": self._here(experiment_spec["storage"])})
+
+    def _here(self, storage):
+        """``storage`` (a Tune StorageContext) pointed at ``exp_dir``, as Tune points restored trials."""
+        parent, name = self.exp_dir.rstrip("/").rsplit("/", 1)
+        fs, fs_path = filesystem(parent)
+        if storage.storage_fs_path == fs_path and storage.experiment_dir_name == name:
+            return storage
+        moved = copy.copy(storage)
+        moved.storage_filesystem, moved.storage_fs_path, moved.experiment_dir_name = fs, fs_path, name
+        return moved
 
 
 class FamilyScheduler(FIFOScheduler):
@@ -648,11 +838,12 @@ def scheduler(name: str | None, space: SearchSpace):
 
 
 def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int, exp_dir: str,
-               points: list[dict] | None = None, storage: str | None = None) -> None:
+               points: list[dict] | None = None, storage: str | None = None) -> bool:
     """Run the search's trials: ``num_trials`` New-LLM trials, and as many of each baseline
     architecture when the space has baselines; ``points``: New-LLM configurations to try first,
     in order, after the space's own (benchmarks give the same ones to every side); ``storage``: the Optuna studies'
-    (``optuna_storage``), in memory if None."""
+    (``optuna_storage``), in memory if None. Returns whether every trial finished: False when
+    the search was interrupted (Ctrl+C), its state saved for ``--resume``."""
     import optuna
     from ray import tune
 
@@ -663,11 +854,19 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, data=data),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     studies = None if storage is None else open_storage(storage)
+    total = num_trials * len(kinds(space))
+    callbacks = [ParquetResults(exp_dir, TrialRow(space, versions(), exp_dir), TrialRow.dtypes()), Progress(total)]
     if args.resume:
         if studies is not None:
             for study in study_names(args.name, space).values():
                 fail_left_running(studies, study)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        # Tune restores the searcher and callbacks pickled when the search began, with the paths
+        # they had then: a moved or copied experiment must use its own. Tuner has no public way to
+        # give them; tests/test_faults.py's relocation test fails if this stops working.
+        restored = tuner._local_tuner
+        restored._run_config.callbacks = callbacks
+        restored._tune_config.search_alg.relocate(exp_dir, studies, landed_results(exp_dir, space))
     else:
         metrics = space.metrics
         metric, mode = (metrics, ["min"] * len(metrics)) if len(metrics) > 1 else (metrics[0], "min")
@@ -680,15 +879,14 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
             # enqueued in the study, the sampler proposes what a point leaves out
             searchers[NEWLLM]._ot_study.enqueue_trial(point)
         searcher = FamilySearch(searchers, space, data.vocab_size, metric, mode)
-        total = num_trials * len(searchers)
-        callbacks = [ParquetResults(exp_dir, TrialRow(space, versions()), TrialRow.dtypes()), Progress(total)]
+        searcher.storage = studies
+        search_alg = ExperimentSearch(searcher, concurrency, exp_dir)
         tuner = tune.Tuner(
             trainable,
             # a finished trial's actor (its process, torch imported) runs the next trial; run_trial
             # sets everything per trial (threads, seeds), so nothing carries over
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler(args.scheduler, space),
-                                        num_samples=total, max_concurrent_trials=concurrency,
-                                        reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler(args.scheduler, space),
+                                        num_samples=total, reuse_actors=True),
             run_config=tune.RunConfig(name=args.name, storage_path=storage_root(args.storage_path),
                                       callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
@@ -697,8 +895,55 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
                                       # may name any of them (prune_checkpoints thins them at the end)
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
         )
-    tuner.fit()
-    prune_checkpoints(exp_dir)
+    with quiet_tune():
+        tuner.fit()
+    # (not fit()'s result grid: Tune counts the trials it stops on an interruption as terminated)
+    finished = landed_trials(exp_dir) >= total
+    if finished:
+        prune_checkpoints(exp_dir)
+    return finished
+
+
+class TrialFailureFilter(logging.Filter):
+    """Drops Tune's traceback of each failed trial: Progress prints one line for it, which names
+    the trial's error.txt, where the traceback is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trial task failed")
+
+
+@contextlib.contextmanager
+def quiet_tune():
+    """Tune's console lines that newllm says better: its interruption lines name its Python API
+    (main prints the command that resumes), and a failed trial's traceback is one line."""
+    tune_log, controller_log = logging.getLogger("ray.tune.tune"), logging.getLogger("ray.tune.execution.tune_controller")
+    level, failures = tune_log.level, TrialFailureFilter()
+    tune_log.setLevel(logging.CRITICAL)
+    controller_log.addFilter(failures)
+    try:
+        yield
+    finally:
+        tune_log.setLevel(level)
+        controller_log.removeFilter(failures)
+
+
+def landed_results(exp_dir: str, space: SearchSpace) -> dict[str, dict]:
+    """Trial id -> the metrics Optuna minimises, of each trial whose row landed (errored trials,
+    which the resumed search runs again, left out)."""
+    try:
+        trials = load(exp_dir)[0]
+    except FileNotFoundError:
+        return {}
+    if trials.empty:
+        return {}
+    done = trials[trials.status != "error"]
+    return {row["trial_id"]: {m: row[m] for m in space.metrics} for _, row in done.iterrows()}
+
+
+def landed_trials(exp_dir: str) -> int:
+    """How many trials have their row in the experiment's trials table."""
+    table = PartsTable(f"{exp_dir.rstrip('/')}/{TRIALS_FILE}").read(["trial_id"])
+    return 0 if table is None else table.num_rows
 
 
 def prune_checkpoints(exp_dir: str) -> int:
@@ -707,15 +952,13 @@ def prune_checkpoints(exp_dir: str) -> int:
     interrupted search) keep all theirs, one of which a resume will start from."""
     import pyarrow.fs
 
-    from newllm.results import filesystem, load
-
     try:
         trials, _ = load(exp_dir)
     except FileNotFoundError:
         return 0
     deleted = 0
     for path in trials.checkpoint_path.dropna():
-        fs, latest = filesystem(path)
+        fs, latest = filesystem(checkpoint_dir(exp_dir, path))
         parent = latest.rsplit("/", 1)[0]
         checkpoints = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
                              if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))

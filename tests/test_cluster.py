@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from newllm import results, search
+from newllm import results, search, storage
 
 GATE_OPEN = "gate_train_er: 0.0\n  gate_val_er: 0.0"  # every trial that does not diverge runs Phase 2
 
@@ -171,7 +171,7 @@ def test_sigkilled_driver_resumes_with_every_trial_once(tiny_space, tmp_path):
         assert_raw_rows_unique(trials, iterations, 4)
         assert (trials.status != "error").all()
         # the Optuna study: nothing left RUNNING by the killed drivers, every trial's result once
-        journal = tmp_path / "res" / "k" / search.OPTUNA_JOURNAL
+        journal = tmp_path / "res" / "k" / storage.OPTUNA_JOURNAL
         study = optuna.load_study(study_name="k", storage=optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(journal))))
         states = [t.state for t in study.trials]

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY_SPACE
 
+from newllm import results
 from newllm.baselines import baseline_stream_metrics
 from newllm.checkpoint import load_model, save_model
 from newllm.config import TrainConfig
@@ -231,7 +232,7 @@ def test_a_comparison_search_has_a_trial_of_every_family_in_one_table(compare_se
     assert set(rows.phase) == {"phase2", "final"}
     # each baseline's checkpoint is the model its row measures
     for row in baselines.itertuples():
-        model, _ = load_model(row.checkpoint_path)
+        model, _ = load_model(results.checkpoint_dir(compare_search.directory, row.checkpoint_path))
         val = baseline_stream_metrics(model, compare_search.data.val_ids)[0]
         assert math.exp(val) == pytest.approx(row.val_ppl, rel=1e-6)
 

@@ -24,8 +24,9 @@ def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_p
     val_ids = tiny_search.data.val_ids
     for row in passed.itertuples():
         # when the search ends a trial keeps its first checkpoint (after Phase 1) and its latest
-        after_phase1, latest = sorted(Path(row.checkpoint_path).parent.glob("checkpoint_*"))
-        assert latest == Path(row.checkpoint_path)
+        checkpoint = Path(results.checkpoint_dir(tiny_search.directory, row.checkpoint_path))
+        after_phase1, latest = sorted(checkpoint.parent.glob("checkpoint_*"))
+        assert latest == checkpoint
         model, _ = load_model(latest)
         # Phase 2 trained the context layers themselves, not only the head
         moved = [k for k, v in model.state_dict().items()

@@ -93,7 +93,7 @@ def test_a_stopped_trial_lands_as_passed_with_its_best_epoch_in_both_tables(stop
 def test_a_stopped_trials_checkpoint_is_its_best_epochs_model(stopped_search, tmp_path):
     exp_dir, data, trials, _, _ = stopped_search
     stopped = trials[trials.phase2_stop_reason == "scheduler"].iloc[0]
-    model, _ = load_model(stopped.checkpoint_path)
+    model, _ = load_model(results.checkpoint_dir(exp_dir, stopped.checkpoint_path))
     assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(stopped.val_ppl, rel=1e-6)
     out = tmp_path / "hf"
     assert export.main([exp_dir, "--trial", stopped.trial_id, "--out", str(out)]) == 0

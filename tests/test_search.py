@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import ray
 
-from newllm import results, search
+from newllm import results, search, storage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,9 @@ def test_small_search_writes_one_typed_row_per_trial(tiny_search):
     assert (trials.loc[passed, "objective"] == trials.loc[passed, "val_ppl"]).all()
     assert (trials.loc[~passed, "objective"] >= 1e6).all()
     assert {"torch_version", "ray_version", "optuna_version", "newllm_version", "phase1_seconds"} <= set(trials)
-    assert trials.checkpoint_path.map(lambda p: (Path(p) / "model.pt").is_file()).all()
+    # relative to the experiment directory, so that a moved experiment keeps its checkpoints
+    assert not trials.checkpoint_path.str.startswith("/").any()
+    assert trials.checkpoint_path.map(lambda p: (tiny_search.directory / p / "model.pt").is_file()).all()
     assert (tiny_search.directory / "report.html").is_file()  # the search ends with its report
     # every reported row, with its phase; Phase 2 rows exactly for passed trials
     assert set(iterations.trial_id) == set(trials.trial_id)
@@ -137,9 +139,9 @@ def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path, tiny
 
 
 def test_local_storage_on_a_multi_node_cluster_is_warned_not_refused(tmp_path):
-    assert search.storage_warning(str(tmp_path), num_nodes=1) is None
-    assert search.storage_warning("s3://bucket/newllm", num_nodes=3) is None
-    warning = search.storage_warning(str(tmp_path), num_nodes=3)
+    assert storage.storage_warning(str(tmp_path), num_nodes=1) is None
+    assert storage.storage_warning("s3://bucket/newllm", num_nodes=3) is None
+    warning = storage.storage_warning(str(tmp_path), num_nodes=3)
     assert warning.startswith("warning: --storage-path") and str(tmp_path) in warning and "3 nodes" in warning
 
 
@@ -209,7 +211,7 @@ def test_the_experiment_keeps_its_space_and_resume_needs_no_space_file(tmp_path,
 def test_the_optuna_study_is_live_during_the_search_and_complete_after(tmp_path, tiny_space):
     import optuna
 
-    journal = tmp_path / "res" / "live" / search.OPTUNA_JOURNAL
+    journal = tmp_path / "res" / "live" / storage.OPTUNA_JOURNAL
     args = [sys.executable, "-m", "newllm.search", "--local", "--space", tiny_space(), "--name", "live",
             "--storage-path", str(tmp_path / "res"), "--concurrency", "1"]
     driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -243,9 +245,9 @@ def test_a_study_name_already_in_the_optuna_storage_is_refused(tmp_path, capsys)
 def test_an_experiment_on_object_storage_keeps_its_study_beside_the_driver(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = search.parse_args(["--name", "n", "--storage-path", "s3://bucket/newllm"])
-    assert search.optuna_storage(args, search.experiment_dir(args)) == str(tmp_path / "n.optuna.journal")
+    assert storage.optuna_storage(None, "n", search.experiment_dir(args)) == str(tmp_path / "n.optuna.journal")
     args = search.parse_args(["--name", "n", "--storage-path", str(tmp_path)])
-    assert search.optuna_storage(args, search.experiment_dir(args)) == f"{tmp_path}/n/{search.OPTUNA_JOURNAL}"
+    assert storage.optuna_storage(None, "n", search.experiment_dir(args)) == f"{tmp_path}/n/{storage.OPTUNA_JOURNAL}"
 
 
 @pytest.mark.slow
@@ -277,10 +279,10 @@ def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_me
         assert row.val_ppl == pytest.approx(best[0], rel=1e-9)  # replicate 0's: the saved model's
         assert row.objective == pytest.approx(sum(best) / 2) == row.val_ppl_mean
         assert row.val_ppl_std == pytest.approx(abs(best[0] - best[1]) / math.sqrt(2))
-        model, _ = load_model(row.checkpoint_path)
+        model, _ = load_model(results.checkpoint_dir(tmp_path / "res" / "reps", row.checkpoint_path))
         assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(row.val_ppl, rel=1e-6)
         assert len(rows[rows.phase == "final"]) == 1
-    journal = tmp_path / "res" / "reps" / search.OPTUNA_JOURNAL
+    journal = tmp_path / "res" / "reps" / storage.OPTUNA_JOURNAL
     study = optuna.load_study(study_name="reps", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))))
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))

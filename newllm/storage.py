@@ -1,0 +1,213 @@
+"""Where a search keeps things: the storage root of its experiments, checked before anything is
+written, and the Optuna study's storage (a journal file or an RDB URL), opened and checked up
+front, with a journal cut off mid-record (a killed driver, a full disk) repaired before anything
+is appended to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import optuna
+
+OPTUNA_JOURNAL = "optuna.journal"
+OBJECT_STORES = ("s3", "gs")
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "beegfs", "glusterfs", "fuse")
+JOURNAL_TAIL_BYTES = 1 << 16  # a journal record is far shorter: the tail's last newline lies within
+
+
+class StorageError(ValueError):
+    """A storage path or URL that cannot be used; the message names it and the problem."""
+
+
+def storage_root(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def writable_directory(path: str, what: str) -> None:
+    """StorageError unless ``path`` is a directory this process can create files in, or can be
+    made one (its nearest existing ancestor is such a directory). Writes nothing."""
+    p = Path(path).resolve()
+    existing = next(a for a in (p, *p.parents) if a.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == p else f"is below the file {existing}"
+        raise StorageError(f"{what} {path} {where}: give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        # access() says EROFS on a read-only file system, EACCES without permission
+        why = "is on a read-only file system" if _read_only(existing) else "is not writable by this user"
+        raise StorageError(f"{what} {path}: {existing} {why}: give a directory you can write to")
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def check_storage_path(path: str) -> None:
+    """StorageError for a ``--storage-path`` that cannot hold experiments."""
+    if "://" in path:
+        scheme = path.split("://", 1)[0]
+        if scheme not in OBJECT_STORES:
+            raise StorageError(f"--storage-path {path}: unknown scheme {scheme}://; use a local directory, a "
+                               f"shared mount, s3:// or gs://")
+        return
+    if not path.strip():
+        raise StorageError("--storage-path is empty: give a directory (default: results)")
+    writable_directory(path, "--storage-path")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the file system holding ``path`` (Linux /proc/mounts), or None if unknown."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    inside = [(m, t) for m, t in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
+    return max(inside, key=lambda mt: len(mt[0]))[1] if inside else None
+
+
+def storage_warning(storage: str, num_nodes: int) -> str | None:
+    """A warning when a multi-node cluster gets a storage path that only this machine sees."""
+    if num_nodes <= 1 or "://" in storage:
+        return None
+    fs = filesystem_type(storage)
+    if fs is not None and fs.split(".")[0] in NETWORK_FILESYSTEMS:
+        return None
+    return (f"warning: --storage-path {storage} is a local directory ({fs or 'unknown'} file system), but the "
+            f"Ray cluster has {num_nodes} nodes. Trials on other machines would write their checkpoints to "
+            f"their own disks, where a retry on another node and this driver cannot find them. Use storage "
+            f"every node mounts (NFS), or s3:// / gs://. (Fine if every node runs on this machine.)")
+
+
+def optuna_storage(given: str | None, name: str, exp_dir: str) -> str:
+    """Where the Optuna study lives: ``given`` (--optuna-storage), else a journal in the
+    experiment directory, else (an experiment on object storage, where a file cannot be
+    appended) beside the driver."""
+    if given:
+        return given
+    if "://" in exp_dir:
+        return str(Path(f"{name}.optuna.journal").resolve())
+    return f"{exp_dir}/{OPTUNA_JOURNAL}"
+
+
+def check_optuna_storage(storage: str, given: bool) -> None:
+    """StorageError for an Optuna storage that cannot be opened: a journal path that is a
+    directory or lies where no file can be made, an RDB URL of an unknown scheme, a SQLite file
+    in a missing directory, a database that refuses the connection. An RDB is opened (which
+    creates Optuna's tables in an empty database); a journal is only looked at."""
+    flag = "--optuna-storage" if given else "the Optuna journal"
+    if "://" not in storage:
+        p = Path(storage)
+        if p.is_dir():
+            raise StorageError(f"{flag} {storage} is a directory: give a journal file path or an RDB URL")
+        if p.exists():
+            if not os.access(p, os.R_OK | os.W_OK):
+                raise StorageError(f"{flag} {storage} cannot be read and written by this user")
+        elif given:
+            writable_directory(str(p.parent), f"{flag} {storage}: its directory")
+        return
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(storage)
+        url.get_dialect()
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError):
+        raise StorageError(f"{flag} {storage} is not an RDB URL Optuna can open (sqlite:///path, "
+                           f"postgresql://..., mysql://...), nor a journal file path") from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        directory = Path(url.database).parent
+        if not directory.is_dir():
+            raise StorageError(f"{flag} {storage}: the directory {directory} does not exist")
+    try:
+        open_storage(storage)
+    except Exception as e:  # a driver missing, a server down, a file that is no database...
+        raise StorageError(f"{flag} {storage} cannot be opened: {' '.join(str(e).split())[:300]}") from None
+
+
+def open_storage(storage: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage object of ``optuna_storage``'s answer: an RDB URL or a journal file."""
+    import optuna
+
+    if "://" in storage:
+        return optuna.storages.get_storage(storage)
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(storage).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+
+
+def existing_studies(storage: str) -> set[str]:
+    """The names of the studies ``storage`` holds (none in a journal not written yet)."""
+    if "://" not in storage and not Path(storage).exists():
+        return set()
+    import optuna
+
+    return {s.study_name for s in optuna.study.get_all_study_summaries(open_storage(storage))}
+
+
+def repair_journal(path: str) -> Path | None:
+    """Make the Optuna journal at ``path`` end on a whole record, so that what is appended next
+    starts on a line of its own. A last record cut off mid-write is moved to
+    ``<journal>.partial-<time>`` (returned) and cut from the journal; a whole last record that
+    only lacks its newline gets it. Optuna's records are one JSON object a line; the repair holds
+    Optuna's own lock on the file, as its writers do."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    lock = JournalFileSymlinkLock(str(p))
+    lock.acquire()
+    try:
+        return _repair_tail(p)
+    finally:
+        lock.release()
+
+
+def _repair_tail(p: Path) -> Path | None:
+    with open(p, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        start = max(0, size - JOURNAL_TAIL_BYTES)
+        f.seek(start)
+        chunk = f.read()
+        if chunk.endswith(b"\n"):
+            return None
+        cut = chunk.rfind(b"\n") + 1  # 0: no newline in the chunk
+        if cut == 0 and start > 0:
+            raise StorageError(f"the Optuna journal {p} ends in a line of over {JOURNAL_TAIL_BYTES} bytes: "
+                               f"not a journal newllm can repair")
+        tail = chunk[cut:]
+        if _whole_record(tail):
+            f.write(b"\n")
+            return None
+        aside = p.with_name(f"{p.name}.partial-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.write_bytes(tail)
+        f.truncate(start + cut)
+        f.flush()
+        os.fsync(f.fileno())
+    return aside
+
+
+def _whole_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def fail_left_running(storage: optuna.storages.BaseStorage, name: str) -> None:
+    """Mark FAIL the trials of study ``name`` that a killed driver left RUNNING, so that the
+    sampler stops treating them as pending. The Tune trials behind them run on after the resume,
+    and StudySearch gives Optuna their results then."""
+    import optuna
+
+    for trial in optuna.load_study(study_name=name, storage=storage).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
