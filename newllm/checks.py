@@ -57,7 +57,8 @@ def check_new_out(path: Path, force: bool, flag: str = "--out", replace: bool = 
     if not replace:
         check_writable_dir(path, what)
     else:
-        check_writable_dir(path.absolute().parent, f"the directory of {what}")
+        parent = path.absolute().parent
+        check_writable_dir(parent, f"{what}: its directory {str(parent)!r}")
         if not force and path.exists() and not path.is_dir():
             raise ValueError(f"{what} is an existing file: give --force to replace it, or another {flag}")
     try:
