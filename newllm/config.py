@@ -105,8 +105,10 @@ class TrainConfig:
             if self.architecture == "transformer" and self.phase2_bptt > self.context_window:
                 raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= context_window "
                                  f"({self.context_window}) for the transformer baseline")
+        # checked in every family, though only one reads them: a value no run can use is a mistake
         positive = ("phase1_max_iter", "phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
-                    "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience")
+                    "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience", "context_window",
+                    "num_heads")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -114,6 +116,8 @@ class TrainConfig:
                      "convergence_threshold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.phase1_keep_gib < 0:
             raise ValueError(f"phase1_keep_gib must be >= 0 (0 = always recompute), got {self.phase1_keep_gib}")
         for name in ("dist_reg_weight", "min_converged_ratio", "gate_train_er", "gate_val_er"):

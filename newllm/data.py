@@ -68,10 +68,10 @@ class DataConfig:
             problem = number_problem(value)
             if problem:
                 raise ValueError(f"{f.name} {problem}")
-            if value == "" and f.name != "source":
+            if isinstance(value, str) and not value.strip() and f.name != "source":
                 raise ValueError(f"{f.name} must not be empty" + ("" if f.default is None else
                                                                   f" (default: {f.default!r})"))
-        if not self.source:
+        if not self.source.strip():
             raise ValueError("the data source must not be empty: give builtin, a directory, a .txt/.parquet/"
                              ".jsonl/.json file or hf:NAME")
         if self.num_samples < 0:

@@ -23,10 +23,14 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from newllm.checkpoint import MODEL_FILE
 from newllm.checks import check_new_out, path_arg
 from newllm.results import load
+
+# the columns of the trials table that picking and exporting a trial read
+TRIAL_COLUMNS = ("trial_id", "status", "objective", "val_ppl", "checkpoint_path")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +45,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory, new or empty")
     p.add_argument("--force", action="store_true", help="replace an --out that exists (a non-empty directory or a file)")
     return p.parse_args(argv)
+
+
+def read_trials(experiment: Path) -> pd.DataFrame:
+    """The experiment's trials table; ValueError naming the directory if it cannot be read or
+    lacks a column the export reads."""
+    try:
+        trials, _ = load(experiment)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"cannot read the trials table in {str(experiment)!r}: {str(e).splitlines()[0]}") from e
+    missing = [c for c in TRIAL_COLUMNS if c not in trials]
+    if len(trials) and missing:
+        raise ValueError(f"the trials table in {str(experiment)!r} lacks the columns {missing}: not one that a newllm "
+                         f"search wrote")
+    return trials
 
 
 def pick_trial(trials: pd.DataFrame, trial_id: str | None) -> pd.Series:
@@ -112,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         out = path_arg(args.out, "--out")
         check_new_out(out, args.force, replace=True)
         if not experiment.is_dir():
-            raise FileNotFoundError(f"experiment directory {str(experiment)!r} does not exist "
-                                    f"(copy s3:// or gs:// storage to a local directory first)")
-        trials, _ = load(experiment)
+            raise FileNotFoundError(f"experiment directory {str(experiment)!r} "
+                                    f"{'is a file' if experiment.exists() else 'does not exist'}: give the directory "
+                                    f"of a search (copy s3:// or gs:// storage to a local directory first)")
+        trials = read_trials(experiment)
         if trials.empty:
             raise ValueError(f"no trial of {str(experiment)!r} has finished yet: nothing to export")
         row = pick_trial(trials, args.trial)

@@ -119,6 +119,7 @@ def test_space_refuses_a_number_no_run_can_use(tmp_path, content, problem):
     ({"seed": -1}, "seed must be in [0, 4294967295] (2**32 - 1), got -1"),
     ({"seed": 2**32}, "seed must be in [0, 4294967295] (2**32 - 1), got 4294967296"),
     ({"phase1_max_iter": 2**40}, "phase1_max_iter must be at most 2147483647 (2**31 - 1) in size"),
+    ({"num_heads": 0}, "num_heads must be >= 1, got 0"),  # a baseline's setting, refused for New-LLM too
 ])
 def test_train_config_refuses_numbers_no_run_can_use(settings, problem):
     with pytest.raises(ValueError) as e:
@@ -129,7 +130,7 @@ def test_train_config_refuses_numbers_no_run_can_use(settings, problem):
 
 @pytest.mark.parametrize("settings, problem", [
     ({"source": ""}, "the data source must not be empty"),
-    ({"text_column": ""}, "text_column must not be empty"),
+    ({"text_column": " "}, "text_column must not be empty"),
     ({"hf_split": ""}, "hf_split must not be empty"),
     ({"tokenizer": ""}, "tokenizer must not be empty"),
     ({"train_val_split": float("nan")}, "train_val_split must be a finite number, got nan"),
@@ -380,9 +381,27 @@ def test_export_of_a_damaged_checkpoint_writes_nothing(trials_dir, tmp_path, cap
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("table, problem", [
+    (b"not parquet", "cannot read the trials table in '{exp}': "),
+    (pd.DataFrame({"trial_id": ["a"], "status": ["passed"]}),
+     "the trials table in '{exp}' lacks the columns ['objective', 'val_ppl', 'checkpoint_path']"),
+])
+def test_export_refuses_a_damaged_trials_table(trials_dir, tmp_path, capsys, table, problem):
+    (trials_dir / "trials.parquet").unlink()
+    if isinstance(table, bytes):
+        (trials_dir / "trials.parquet").write_bytes(table)
+    else:
+        table.to_parquet(trials_dir / "trials.parquet")
+    assert export.main([str(trials_dir), "--best", "--out", str(tmp_path / "hf")]) == 2
+    assert_one_error(capsys.readouterr().err, problem.format(exp=trials_dir))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_refuses_empty_paths(trials_dir, tmp_path, capsys):
     assert export.main([str(trials_dir), "--best", "--out", ""]) == 2
     assert_one_error(capsys.readouterr().err, "--out must not be empty")
     assert export.main(["", "--best", "--out", str(tmp_path / "hf")]) == 2
     assert_one_error(capsys.readouterr().err, "the experiment directory must not be empty")
+    assert export.main([str(trials_dir / "trials.parquet"), "--best", "--out", str(tmp_path / "hf")]) == 2
+    assert_one_error(capsys.readouterr().err, "trials.parquet' is a file: give the directory of a search")
     assert not (tmp_path / "hf").exists()
