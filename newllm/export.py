@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--trial", metavar="ID", help="the trial to export (its trial_id)")
     which.add_argument("--best", action="store_true", help="the passed trial with the lowest objective")
     p.add_argument("--out", required=True, help="output directory, new or empty")
-    p.add_argument("--force", action="store_true", help="replace an --out that exists (a non-empty directory or a file)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out that exists (a non-empty directory or a file)")
     return p.parse_args(argv)
 
 
@@ -115,14 +116,20 @@ def export_atomically(checkpoint: Path, out: Path) -> None:
     tmp, old = (out.with_name(f".{out.name}.{tag}.{kind}") for kind in ("tmp", "old"))
     try:
         export_checkpoint(checkpoint, tmp)
-        if out.is_dir():
+        if out.exists():
             out.rename(old)
-        elif out.exists():
-            out.unlink()
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists():
+                old.rename(out)  # what was there, back
+            raise
     finally:
         for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         row = pick_trial(trials, args.trial)
         if row.get("family", "newllm") == "baseline":
             raise ValueError(f"trial {row.trial_id} is a {row.architecture} baseline, not a New-LLM model: only "
-                             f"New-LLM trials export to the newllm model type (its weights are in {row.get('checkpoint_path')})")
+                             f"New-LLM trials export to the newllm model type (its weights are in "
+                             f"{row.get('checkpoint_path')})")
         checkpoint = find_checkpoint(row, experiment)
         export_atomically(checkpoint, out)
     except (ValueError, OSError) as e:

@@ -181,7 +181,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
         raise ValueError(f"{str(checkpoint_dir)!r} holds a {record['model_config']['architecture']} baseline, not a "
                          f"New-LLM model: only New-LLM models export to the newllm model type")
     # read and checked before anything is written: a damaged file is a ValueError naming it
-    tokenizer = hf_tokenizer(read_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE, "the checkpoint's tokenizer").to_str())
+    tokenizer = read_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE, "the checkpoint's tokenizer")
+    tokenizer = hf_tokenizer(tokenizer.to_str())
     model = NewLLMForCausalLM.from_newllm(core)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

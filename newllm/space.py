@@ -502,7 +502,7 @@ def recorded_space(experiment: str) -> SearchSpace | None:
     SpaceError naming the file if it cannot be read or is not a valid space."""
     path = f"{experiment}/{SPACE_FILE}"
     try:
-        text = recorded_text(path, "the experiment is then taken for one of an earlier newllm")
+        text = recorded_text(path, "a resumed search then takes its space from --space")
     except ValueError as e:
         raise SpaceError(str(e)) from e
     return None if text is None else parse_space(text, path)

@@ -258,7 +258,8 @@ def experiment(tmp_path) -> Path:
     (FLOORS_FILE, b'{"unigram_ppl": 4', "is not valid JSON"),
     (FLOORS_FILE, b'{"unigram_ppl": "many", "bigram_ppl": 2, "bigram_k": 0.1}',
      "is unusable: its unigram_ppl must be a positive finite number, got 'many'"),
-    (FLOORS_FILE, b'{"unigram_ppl": NaN, "bigram_ppl": 2, "bigram_k": 0.1}', "is unusable: its unigram_ppl must be a positive"),
+    (FLOORS_FILE, b'{"unigram_ppl": NaN, "bigram_ppl": 2, "bigram_k": 0.1}',
+     "is unusable: its unigram_ppl must be a positive"),
 ])
 def test_analyze_refuses_a_damaged_recorded_file(experiment, capsys, name, content, problem):
     (experiment / name).write_bytes(content)
