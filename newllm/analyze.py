@@ -34,7 +34,8 @@ from plotly.offline import get_plotlyjs
 
 from newllm import figures
 from newllm.floors import floors_line, recorded_floors
-from newllm.results import load
+from newllm.checks import check_writable_dir, path_arg
+from newllm.results import load, write_file
 from newllm.space import recorded_distributions
 
 REPORT_FILE = "report.html"
@@ -340,8 +341,7 @@ def save(report: Report, out: str | os.PathLike) -> Path:
     if "://" in str(out):
         raise ExperimentError(f"the report is written to a local directory, not {str(out)!r}: give --out")
     path = Path(out) / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(report), encoding="utf-8")
+    write_file(str(path), render(report).encode())  # atomically: never a report cut off
     return path
 
 
@@ -358,10 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", help="the experiment directory (holding trials.parquet, iterations.parquet)")
     p.add_argument("--out", help="directory for report.html (default: the experiment directory)")
     args = p.parse_args(argv)
+    out = args.directory if args.out is None else args.out
     try:
-        report = build_report(args.directory)
-        path = save(report, args.directory if args.out is None else args.out)
-    except (ExperimentError, OSError) as e:
+        path_arg(args.directory, "the experiment directory")
+        report = build_report(args.directory)  # reads only: every input is checked before report.html is written
+        if "://" not in out:
+            check_writable_dir(path_arg(out, "--out"), f"--out {out!r}" if args.out is not None else
+                               f"the experiment directory {out!r} (where report.html goes without --out)")
+        path = save(report, out)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(report.summary))

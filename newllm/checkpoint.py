@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,10 +35,20 @@ def save_model(directory: str | os.PathLike, model: NewLLM | BaselineLM, tokeniz
     config = model.cfg.to_dict()
     if isinstance(model, BaselineLM):
         config["vocab_size"] = model.head.out_features
-    tmp = d / (MODEL_FILE + ".tmp")
-    torch.save({"model_config": config, "state_dict": state, **extra}, tmp)
-    os.replace(tmp, d / MODEL_FILE)
-    (d / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+    write_atomic(d / MODEL_FILE, lambda tmp: torch.save({"model_config": config, "state_dict": state, **extra}, tmp))
+    write_atomic(d / TOKENIZER_FILE, lambda tmp: tmp.write_text(tokenizer_json, encoding="utf-8"))
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a file to a temporary name beside ``path``, then rename it to ``path``: a reader
+    finds the old file or the whole new one, never one cut off."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def is_baseline(model_config: dict) -> bool:

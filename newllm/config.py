@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from newllm.checks import number_problem
 from newllm.data import DataConfig
 from newllm.model import ARCHITECTURES, ModelConfig, NewLLM
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 BASELINE_ARCHITECTURES = ("lstm", "gru", "transformer")
 Family = Literal["newllm", "baseline"]
 
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 PHASE1_MODES = ("exact", "jacobi")
 # earlier name of the Jacobi mode, still accepted
 PHASE1_MODE_ALIASES = {"parallel": "jacobi"}
@@ -92,6 +94,10 @@ class TrainConfig:
     seed: int = _f(42, "random seed: same seed, same numbers")
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = setting_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"{f.name} {problem}")
         if self.family == "newllm":
             self.model_config(vocab_size=1)  # raises on a dimension combination the model rejects
         else:
@@ -99,8 +105,10 @@ class TrainConfig:
             if self.architecture == "transformer" and self.phase2_bptt > self.context_window:
                 raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= context_window "
                                  f"({self.context_window}) for the transformer baseline")
+        # checked in every family, though only one reads them: a value no run can use is a mistake
         positive = ("phase1_max_iter", "phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
-                    "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience")
+                    "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience", "context_window",
+                    "num_heads")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -108,6 +116,10 @@ class TrainConfig:
                      "convergence_threshold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.phase1_keep_gib < 0:
+            raise ValueError(f"phase1_keep_gib must be >= 0 (0 = always recompute), got {self.phase1_keep_gib}")
         for name in ("dist_reg_weight", "min_converged_ratio", "gate_train_er", "gate_val_er"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -161,6 +173,15 @@ def _newllm_non_embedding_params(model_config: ModelConfig) -> int:
     check asks for the same sizes many times."""
     with torch.device("meta"):
         return NewLLM(model_config).num_params(non_embedding=True)
+
+
+def setting_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be the TrainConfig setting ``name`` whatever the others are: a float
+    that is not finite, an int beyond 2**31 - 1, a seed outside [0, 2**32) (what NumPy takes);
+    None if it may be. A search space checks its fixed values with it, TrainConfig every field."""
+    if name == "seed" and isinstance(value, int):
+        return None if 0 <= value <= SEED_MAX else f"must be in [0, {SEED_MAX}] (2**32 - 1), got {value}"
+    return number_problem(value)
 
 
 def family_fields(family: Family) -> list[str]:

@@ -31,12 +31,15 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from newllm.checks import number_problem
+
 END_OF_TEXT = "<|endoftext|>"
+MAX_VOCAB_SIZE = 2**24  # far above any real vocabulary; the tokenizers library aborts the process on huge ones
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json")
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
@@ -60,12 +63,24 @@ class DataConfig:
     cache_dir: str | None = _f(None, "tokenizer cache (default: $NEWLLM_CACHE or ~/.cache/newllm)", flag=None)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            problem = number_problem(value)
+            if problem:
+                raise ValueError(f"{f.name} {problem}")
+            if isinstance(value, str) and not value.strip() and f.name != "source":
+                raise ValueError(f"{f.name} must not be empty" + ("" if f.default is None else
+                                                                  f" (default: {f.default!r})"))
+        if not self.source.strip():
+            raise ValueError("the data source must not be empty: give builtin, a directory, a .txt/.parquet/"
+                             ".jsonl/.json file or hf:NAME")
         if self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0 (0 = all documents), got {self.num_samples}")
         if not 0 < self.train_val_split < 1:
             raise ValueError(f"train_val_split must be strictly between 0 and 1, got {self.train_val_split}")
-        if self.tokenizer is None and self.vocab_size < 260:
-            raise ValueError(f"vocab_size must be >= 260 (256 bytes + merges), got {self.vocab_size}")
+        if self.tokenizer is None and not 260 <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be in [260, {MAX_VOCAB_SIZE}] (256 bytes + merges, at most 2**24), "
+                             f"got {self.vocab_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

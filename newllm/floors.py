@@ -105,11 +105,23 @@ def record_floors(experiment: str, values: dict) -> None:
 
 
 def recorded_floors(experiment: str) -> dict | None:
-    """The floors kept in the experiment directory; None for an experiment without them."""
-    from newllm.results import read_file
+    """The floors kept in the experiment directory; None for an experiment without them.
+    ValueError naming the file if it is not what ``record_floors`` writes."""
+    from newllm.space import damaged, recorded_json
 
-    data = read_file(f"{experiment}/{FLOORS_FILE}")
-    return None if data is None else json.loads(data)
+    path = f"{experiment}/{FLOORS_FILE}"
+    without = "the floors are then left out"
+    values = recorded_json(path, without)
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        raise ValueError(damaged(path, "not a mapping of floors to numbers", without))
+    for key in ("unigram_ppl", "bigram_ppl", "bigram_k"):
+        value = values.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(damaged(path, f"unusable: its {key} must be a positive finite number, got {value!r}",
+                                     without))
+    return values
 
 
 def floors_line(values: dict) -> str:

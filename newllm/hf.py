@@ -42,7 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from newllm.checkpoint import TOKENIZER_FILE, load_model
-from newllm.data import END_OF_TEXT
+from newllm.data import END_OF_TEXT, read_tokenizer
 from newllm.model import ModelConfig, NewLLM
 
 
@@ -174,15 +174,15 @@ def hf_tokenizer(tokenizer_json: str) -> PreTrainedTokenizerFast:
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the newllm checkpoint in ``checkpoint_dir`` to ``out_dir`` as a Hugging Face
-    directory (model, generation config and tokenizer); returns ``out_dir``."""
+    directory (model, generation config and tokenizer); returns ``out_dir``. Both files of the
+    checkpoint are read and checked before anything is written."""
     core, record = load_model(checkpoint_dir)
     if not isinstance(core, NewLLM):
         raise ValueError(f"{str(checkpoint_dir)!r} holds a {record['model_config']['architecture']} baseline, not a "
                          f"New-LLM model: only New-LLM models export to the newllm model type")
-    tokenizer_path = Path(checkpoint_dir) / TOKENIZER_FILE
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"no {TOKENIZER_FILE} in {str(checkpoint_dir)!r}: the checkpoint lacks its tokenizer")
-    tokenizer = hf_tokenizer(tokenizer_path.read_text(encoding="utf-8"))
+    # read and checked before anything is written: a damaged file is a ValueError naming it
+    tokenizer = read_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE, "the checkpoint's tokenizer")
+    tokenizer = hf_tokenizer(tokenizer.to_str())
     model = NewLLMForCausalLM.from_newllm(core)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

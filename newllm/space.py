@@ -51,7 +51,8 @@ import optuna.distributions as od
 import yaml
 
 from newllm.baselines import size_for
-from newllm.config import BASELINE_ARCHITECTURES, TrainConfig, family_fields, field_types
+from newllm.checks import INT_MAX, number_problem
+from newllm.config import BASELINE_ARCHITECTURES, TrainConfig, family_fields, field_types, setting_problem
 from newllm.data import DataConfig
 
 OBJECTIVES = {"val_ppl": "objective", "num_params": "num_params"}
@@ -80,6 +81,32 @@ DISTRIBUTIONS_FILE = "distributions.json"
 
 class SpaceError(ValueError):
     """A search space that cannot be run; the message names the file and the problem."""
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (which YAML does not allow)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping, at any depth, is an
+    error: SafeLoader keeps the last value silently, so a parameter written twice would run with
+    a value nobody may have meant."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}  # key -> the line it is first given on
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys a mapping may override
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key, which SafeLoader reports itself
+                continue
+            if first is not None:
+                on = f"line {line}" if first == line else f"lines {first} and {line}"
+                raise DuplicateKeyError(problem=f"the key {key!r} is given twice in one mapping, on {on}: keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def default_baseline_params() -> dict[str, od.BaseDistribution]:
@@ -217,6 +244,9 @@ def _distribution(name: str, spec, kind: type, where: str) -> od.BaseDistributio
     if unknown:
         raise SpaceError(f"{where}: params.{name} has unknown keys {sorted(unknown, key=str)}; "
                          f"a {spec['type']} takes {sorted(DIST_KEYS[spec['type']])}")
+    problem = _numbers_problem(spec)
+    if problem:
+        raise SpaceError(f"{where}: params.{name}.{problem}")
     if spec["type"] == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -244,6 +274,21 @@ def _distribution(name: str, spec, kind: type, where: str) -> od.BaseDistributio
     if kind is int:
         return od.IntDistribution(low, high, log=log, step=step or 1)
     return od.FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def _numbers_problem(spec: dict) -> str | None:
+    """The first number of a distribution's mapping that no search can use, as "key problem"
+    (``number_problem``: not finite, or an int beyond 2**31 - 1); None if there is none."""
+    for key in ("low", "high", "step"):
+        problem = number_problem(spec.get(key))
+        if problem:
+            return f"{key} {problem}"
+    choices = spec.get("choices")
+    for i, choice in enumerate(choices if isinstance(choices, list) else []):
+        problem = number_problem(choice)
+        if problem:
+            return f"choices[{i}] {problem}"
+    return None
 
 
 def _spec(d: od.BaseDistribution) -> dict:
@@ -283,7 +328,7 @@ def load_space(path: str | Path) -> SearchSpace:
 def parse_space(text: str, where: str) -> SearchSpace:
     """Validate the search space in YAML ``text``, read from ``where`` (named in errors)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise SpaceError(f"{where}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(raw, dict):
@@ -305,9 +350,7 @@ def parse_space(text: str, where: str) -> SearchSpace:
     both = set(params_raw) & set(fixed)
     if both:
         raise SpaceError(f"{where}: {sorted(both)} are both searched and fixed; keep one")
-    for name, value in fixed.items():
-        if not _is(value, types[name]):
-            raise SpaceError(f"{where}: fixed.{name} must be of type {types[name].__name__}, got {value!r}")
+    _check_fixed(fixed, types, f"{where}: fixed")
     if fixed.get("skip_phase2"):
         raise SpaceError(f"{where}: fixed.skip_phase2 leaves trials without the Phase 2 objective; remove it")
     params = {name: _distribution(name, spec, types[name], where) for name, spec in params_raw.items()}
@@ -321,8 +364,8 @@ def parse_space(text: str, where: str) -> SearchSpace:
         raise SpaceError(f"{where}: objectives must be a list drawn from {sorted(OBJECTIVES)}, got {objectives!r}")
     num_trials, repeats = raw.get("num_trials", 8), raw.get("repeats", 1)
     for name, value in (("num_trials", num_trials), ("repeats", repeats)):
-        if not _is(value, int) or value < 1:
-            raise SpaceError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+        if not _is(value, int) or not 1 <= value <= INT_MAX:
+            raise SpaceError(f"{where}: {name} must be an integer in [1, {INT_MAX}] (2**31 - 1), got {value!r}")
     data = raw.get("data") or {}
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
         raise SpaceError(f"{where}: data must be a mapping with keys from {sorted(DATA_KEYS)}")
@@ -351,6 +394,16 @@ def parse_space(text: str, where: str) -> SearchSpace:
         except (TypeError, ValueError) as e:
             raise SpaceError(f"{where}: the trial {sampled} would be invalid: {e}") from e
     return space
+
+
+def _check_fixed(fixed: dict, types: dict[str, type], where: str) -> None:
+    """Each fixed value of the right type, and a number a setting can take (``setting_problem``)."""
+    for name, value in fixed.items():
+        if not _is(value, types[name]):
+            raise SpaceError(f"{where}.{name} must be of type {types[name].__name__}, got {value!r}")
+        problem = setting_problem(name, value)
+        if problem:
+            raise SpaceError(f"{where}.{name} {problem}")
 
 
 def _choices(d: od.BaseDistribution | None) -> list:
@@ -395,9 +448,7 @@ def parse_baselines(raw, where: str, types: dict[str, type]) -> Baselines:
     both = set(params_raw or {}) & set(fixed)
     if both:
         raise SpaceError(f"{where}: baselines: {sorted(both)} are both searched and fixed; keep one")
-    for name, value in fixed.items():
-        if not _is(value, types[name]):
-            raise SpaceError(f"{where}: baselines.fixed.{name} must be of type {types[name].__name__}, got {value!r}")
+    _check_fixed(fixed, types, f"{where}: baselines.fixed")
     params = default_baseline_params() if params_raw is None else {
         name: _distribution(name, spec, types[name], f"{where}: baselines") for name, spec in params_raw.items()}
     return Baselines(tuple(architectures), params, fixed)
@@ -414,19 +465,70 @@ def record_space(experiment: str, space: SearchSpace) -> None:
     write_file(f"{experiment}/{DISTRIBUTIONS_FILE}", json.dumps(distributions, indent=1).encode())
 
 
-def recorded_space(experiment: str) -> SearchSpace | None:
-    """The space kept in the experiment directory; None for an experiment of an earlier newllm."""
+def recorded_text(path: str, without: str) -> str | None:
+    """The text of a file an experiment directory keeps (``space.yaml``, ``distributions.json``,
+    ``floors.json``), None if there is none; ValueError naming it if it cannot be read.
+    ``without`` says what happens if it is deleted, for the message."""
     from newllm.results import read_file
 
-    text = read_file(f"{experiment}/{SPACE_FILE}")
-    return None if text is None else parse_space(text.decode(), f"{experiment}/{SPACE_FILE}")
+    try:
+        data = read_file(path)
+        return None if data is None else data.decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(damaged(path, f"not UTF-8 text ({e.reason} at byte {e.start})", without)) from e
+
+
+def recorded_json(path: str, without: str):
+    """The JSON value of a file an experiment directory keeps (``recorded_text``), None if there
+    is none; ValueError naming it if it is not valid JSON."""
+    text = recorded_text(path, without)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(damaged(path, f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", without)) from e
+
+
+def damaged(path: str, problem: str, without: str) -> str:
+    """The message for a file an experiment keeps that is damaged, cut off or edited by hand."""
+    return f"{path} is {problem}: restore it from a copy, or delete it ({without})"
+
+
+def recorded_space(experiment: str) -> SearchSpace | None:
+    """The space kept in the experiment directory; None for an experiment of an earlier newllm.
+    SpaceError naming the file if it cannot be read or is not a valid space."""
+    path = f"{experiment}/{SPACE_FILE}"
+    try:
+        text = recorded_text(path, "a resumed search then takes its space from --space")
+    except ValueError as e:
+        raise SpaceError(str(e)) from e
+    return None if text is None else parse_space(text, path)
 
 
 def recorded_distributions(experiment: str) -> dict[str, od.BaseDistribution] | None:
-    """The searched distributions kept in the experiment directory, None if it has none."""
-    from newllm.results import read_file
-
-    data = read_file(f"{experiment}/{DISTRIBUTIONS_FILE}")
-    if data is None:
+    """The searched distributions kept in the experiment directory, None if it has none.
+    SpaceError naming the file if it is not what ``record_space`` writes."""
+    path = f"{experiment}/{DISTRIBUTIONS_FILE}"
+    without = "the report then infers the searched parameters from the trials"
+    try:
+        raw = recorded_json(path, without)
+    except ValueError as e:
+        raise SpaceError(str(e)) from e
+    if raw is None:
         return None
-    return {name: od.json_to_distribution(json.dumps(d)) for name, d in json.loads(data).items()}
+    if not isinstance(raw, dict):
+        raise SpaceError(damaged(path, "not a mapping of parameters to Optuna distributions", without))
+    distributions = {}
+    for name, d in raw.items():
+        try:
+            distributions[name] = od.json_to_distribution(json.dumps(d))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SpaceError(damaged(path, f"not an Optuna distribution for {name!r} ({type(e).__name__}: {e})",
+                                     without)) from e
+        problem = _numbers_problem(_spec(distributions[name]))
+        if problem:
+            raise SpaceError(damaged(path, f"unusable for {name!r}: its {problem}", without))
+    return distributions

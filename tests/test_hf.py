@@ -5,6 +5,7 @@ memory, save/load through the Auto classes, training with ``Trainer``, and
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -269,13 +270,14 @@ def test_trainer_trains_an_exported_model(tmp_path, exported):
 
 @pytest.fixture
 def experiment(tmp_path, checkpoint) -> Path:
-    """A hand-written experiment: a (passed, best), b (gate_failed), c (passed, checkpoint gone)."""
+    """A hand-written experiment: a (passed, best), b (gate_failed), c (passed, checkpoint gone);
+    checkpoint paths relative to it, as the search stores them."""
     d = tmp_path / "exp"
-    d.mkdir()
+    shutil.copytree(checkpoint, d / "trial_a" / "checkpoint_000001")
     pd.DataFrame({
         "trial_id": ["a", "b", "c"], "status": ["passed", "gate_failed", "passed"],
         "objective": [10.0, 1.5e6, 20.0], "val_ppl": [10.0, None, 20.0],
-        "checkpoint_path": [str(checkpoint), str(checkpoint), str(tmp_path / "gone" / "checkpoint_000001")],
+        "checkpoint_path": ["trial_a/checkpoint_000001", "trial_a/checkpoint_000001", "trial_c/checkpoint_000001"],
     }).to_parquet(d / "trials.parquet")
     return d
 
@@ -320,15 +322,15 @@ def test_export_needs_exactly_one_of_trial_and_best(tmp_path, experiment, capsys
 def test_export_of_a_tiny_search_loads_and_generates(tmp_path, tiny_search):
     trials, _ = results.load(tiny_search.directory)
     best = trials[trials.status == "passed"].sort_values("objective").iloc[0]
-    # a moved and renamed experiment: its stored checkpoint paths name a directory that is gone
+    # a moved and renamed experiment: its checkpoint paths are relative to it (those of an earlier
+    # newllm, absolute, rewritten so)
     moved = tmp_path / "elsewhere" / "renamed"
     shutil.copytree(tiny_search.directory, moved)
-    gone = tmp_path / "gone" / "tiny"
-    trials.checkpoint_path = trials.checkpoint_path.str.replace(str(tiny_search.directory.resolve()), str(gone))
-    shutil.rmtree(moved / results.TRIALS_FILE)  # the table rewritten with those paths
+    trials.checkpoint_path = trials.checkpoint_path.map(
+        lambda p: os.path.relpath(p, tiny_search.directory.resolve()) if os.path.isabs(p) else p)
+    shutil.rmtree(moved / results.TRIALS_FILE)
     trials.to_parquet(moved / results.TRIALS_FILE, index=False)
     best = trials.loc[best.name]
-    assert not Path(best.checkpoint_path).exists()
 
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "newllm.export", str(moved), "--best", "--out", str(out)],
@@ -339,7 +341,7 @@ def test_export_of_a_tiny_search_loads_and_generates(tmp_path, tiny_search):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert (model.config.context_dim, model.config.num_layers) == (best.context_dim, best.num_layers)
-    checkpoint = moved / Path(best.checkpoint_path).relative_to(gone)
+    checkpoint = moved / best.checkpoint_path
     core, _ = load_model(checkpoint)
     prompt = tokenizer("The for statement", return_tensors="pt")
     torch.testing.assert_close(model(**prompt).logits, core(prompt["input_ids"])[0], rtol=1e-5, atol=1e-6)
