@@ -35,16 +35,21 @@ def check_writable_dir(path: Path, what: str) -> None:
             if not path.is_dir():
                 raise ValueError(f"{what} is a file, not a directory: give a directory")
             if not os.access(path, os.W_OK | os.X_OK):
-                raise ValueError(f"{what}: no permission to write in it; give a directory you can write to")
+                raise ValueError(f"{what}: {_why_not_writable(path)}; give a directory you can write to")
             return
         ancestor = next(p for p in path.absolute().parents if p.exists())
         if not ancestor.is_dir():
             raise ValueError(f"{what} cannot be created: {str(ancestor)!r} is a file, not a directory")
         if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ValueError(f"{what} cannot be created: no permission to write in {str(ancestor)!r}; give a "
-                             f"directory you can write to")
+            raise ValueError(f"{what} cannot be created in {str(ancestor)!r}: {_why_not_writable(ancestor)}; give "
+                             f"a directory you can write to")
     except OSError as e:  # a parent that cannot be looked into
         raise ValueError(f"{what}: {e.strerror} ({e.filename}); give a directory you can write to") from e
+
+
+def _why_not_writable(path: Path) -> str:
+    # access() answers EROFS on a read-only file system, EACCES without permission
+    return "it is on a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "no permission to write in it"
 
 
 def check_new_out(path: Path, force: bool, flag: str = "--out", replace: bool = False) -> None:

@@ -164,9 +164,10 @@ class PartsTable:
                 return parquet.read(columns=None if columns is None else [c for c in columns if c in names],
                                     use_threads=False)  # threads only slow down small files
             except pa.ArrowInvalid as e:
-                raise ValueError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}): a "
-                                 f"damaged copy? Restore it, or move it out of {self.root} to go on without "
-                                 f"its rows") from None
+                how = "restore it from a copy" if path == self.root else \
+                    f"restore it, or move it out of {self.root} to go on without its rows"
+                raise ValueError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}): "
+                                 f"{how}") from None
 
     def read(self, columns: list[str] | None = None) -> pa.Table | None:
         """The rows of every live part in write order (None if there is none). A part deleted

@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {resume}", file=sys.stderr)
         return 130
     except OSError as e:
+        # the trials still in flight are abandoned: Ray would print each one's error as unhandled
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
         print(f"error: {fault_line(e, plan.exp_dir)}; {resume}", file=sys.stderr)
         return 1
     finally:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from newllm.checks import check_writable_dir, path_arg
+
 if TYPE_CHECKING:
     import optuna
 
@@ -28,24 +30,6 @@ def storage_root(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def writable_directory(path: str, what: str) -> None:
-    """StorageError unless ``path`` is a directory this process can create files in, or can be
-    made one (its nearest existing ancestor is such a directory). Writes nothing."""
-    p = Path(path).resolve()
-    existing = next(a for a in (p, *p.parents) if a.exists())
-    if not existing.is_dir():
-        where = "is a file" if existing == p else f"is below the file {existing}"
-        raise StorageError(f"{what} {path} {where}: give a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        # access() says EROFS on a read-only file system, EACCES without permission
-        why = "is on a read-only file system" if _read_only(existing) else "is not writable by this user"
-        raise StorageError(f"{what} {path}: {existing} {why}: give a directory you can write to")
-
-
-def _read_only(path: Path) -> bool:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-
-
 def check_storage_path(path: str) -> None:
     """StorageError for a ``--storage-path`` that cannot hold experiments."""
     if "://" in path:
@@ -54,9 +38,10 @@ def check_storage_path(path: str) -> None:
             raise StorageError(f"--storage-path {path}: unknown scheme {scheme}://; use a local directory, a "
                                f"shared mount, s3:// or gs://")
         return
-    if not path.strip():
-        raise StorageError("--storage-path is empty: give a directory (default: results)")
-    writable_directory(path, "--storage-path")
+    try:
+        check_writable_dir(path_arg(path, "--storage-path"), f"--storage-path {path}")
+    except ValueError as e:
+        raise StorageError(str(e)) from None
 
 
 def filesystem_type(path: str) -> str | None:
@@ -108,7 +93,10 @@ def check_optuna_storage(storage: str, given: bool) -> None:
             if not os.access(p, os.R_OK | os.W_OK):
                 raise StorageError(f"{flag} {storage} cannot be read and written by this user")
         elif given:
-            writable_directory(str(p.parent), f"{flag} {storage}: its directory")
+            try:
+                check_writable_dir(p.parent, f"{flag} {storage}: its directory")
+            except ValueError as e:
+                raise StorageError(str(e)) from None
         return
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
