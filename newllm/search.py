@@ -20,6 +20,7 @@ import pickle
 import posixpath
 import re
 import shlex
+import socket
 import sys
 import time
 import warnings
@@ -75,6 +76,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_MAX = 100
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 RESOURCE_POLL_SECONDS = 1.0
+ADDRESS_TIMEOUT_SECONDS = 10.0
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
 # at each rung a trial continues only if its best val perplexity is in the best 1/ASHA_REDUCTION
 # of the trials that reached it
@@ -422,6 +424,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
     if args.resume and (missing := [s for s in names if s not in existing]):
         raise ValueError(f"the Optuna storage {storage} holds no study named {missing[0]!r}: pass the "
                          f"--optuna-storage that the search started with")
+    if not args.local:
+        check_address(args.address or os.environ.get("RAY_ADDRESS"))
     data = prepare_data(data_cfg)
     space.check_baselines(data.vocab_size)
     return Plan(space, data_cfg, data, exp_dir, storage, args.num_trials or space.num_trials)
@@ -431,6 +435,21 @@ def has_content(exp_dir: str) -> bool:
     """Whether a local experiment directory holds anything but a driver's claim."""
     return "://" not in exp_dir and Path(exp_dir).is_dir() and any(
         p.name != LOCK_FILE for p in Path(exp_dir).iterdir())
+
+
+def check_address(address: str | None) -> None:
+    """ValueError when ``--address`` (or RAY_ADDRESS) names a host:port where nothing listens:
+    ray.init would wait minutes for it."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        raise ValueError(f"Ray address {address!r} is not host:port (e.g. 127.0.0.1:6379), auto or ray://...")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_SECONDS).close()
+    except OSError as e:
+        raise ValueError(f"no Ray cluster answers at {address} ({e.strerror or e}): start it with ray start "
+                         f"--head, or give the address it printed") from None
 
 
 def start_ray(args: argparse.Namespace) -> None:
@@ -498,6 +517,15 @@ def fault_line(error: OSError, exp_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return checked_main(args)
+    except KeyboardInterrupt:  # before the search started, or while it printed its summary
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def checked_main(args: argparse.Namespace) -> int:
+    """The search of ``args``: its checks, then the search on the experiment it claims."""
     try:
         plan = plan_search(args)
     except (ValueError, FileNotFoundError, ExperimentHeld) as e:

@@ -92,6 +92,12 @@ def check_optuna_storage(storage: str, given: bool) -> None:
         if p.exists():
             if not os.access(p, os.R_OK | os.W_OK):
                 raise StorageError(f"{flag} {storage} cannot be read and written by this user")
+            with open(p, "rb") as f:
+                first = f.readline(JOURNAL_TAIL_BYTES)
+            # (a first record cut off has no newline yet: repair_journal sets it aside)
+            if first.endswith(b"\n") and not (_whole_record(first) and b'"op_code"' in first):
+                raise StorageError(f"{storage} is not an Optuna journal: its first line is no Optuna record; give "
+                                   f"another --optuna-storage, or restore the file")
         elif given:
             try:
                 check_writable_dir(p.parent, f"{flag} {storage}: its directory")
@@ -130,12 +136,17 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
 
 
 def existing_studies(storage: str) -> set[str]:
-    """The names of the studies ``storage`` holds (none in a journal not written yet)."""
+    """The names of the studies ``storage`` holds (none in a journal not written yet);
+    StorageError for a file that is no Optuna journal."""
     if "://" not in storage and not Path(storage).exists():
         return set()
     import optuna
 
-    return {s.study_name for s in optuna.study.get_all_study_summaries(open_storage(storage))}
+    try:
+        return {s.study_name for s in optuna.study.get_all_study_summaries(open_storage(storage))}
+    except (ValueError, KeyError, TypeError) as e:  # records that are not JSON, or not Optuna's
+        raise StorageError(f"{storage} is not an Optuna journal newllm can read ({' '.join(str(e).split())[:200]}): "
+                           f"give another --optuna-storage, or restore the file") from None
 
 
 def repair_journal(path: str) -> Path | None:

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import optuna
 import pandas as pd
 import pytest
+from conftest import free_port
 
 from newllm import analyze, export, lock, results, search, storage, train
 from newllm.checkpoint import MODEL_FILE, TOKENIZER_FILE, save_model
@@ -767,3 +768,24 @@ def test_a_damaged_part_file_on_resume_is_named_and_nothing_changes(tiny_search,
     assert search.main(["--resume", "--name", "tiny", "--storage-path", str(tmp_path / "res"), "--local"]) == 2
     assert_one_error(capsys.readouterr().err, f"{part} is not a readable Parquet file")
     assert snapshot(experiment) == before
+
+
+def test_an_address_where_no_ray_listens_is_refused_not_waited_for(tmp_path, tiny_space, capsys):
+    port = free_port()  # nothing listens there
+    code = search.main(["--space", tiny_space(), "--name", "x", "--storage-path", str(tmp_path / "res"),
+                        "--address", f"127.0.0.1:{port}"])
+    assert code == 2
+    assert_one_error(capsys.readouterr().err, f"no Ray cluster answers at 127.0.0.1:{port}")
+    assert not (tmp_path / "res").exists()
+
+
+def test_an_optuna_storage_that_is_no_journal_is_named(tmp_path, tiny_space, capsys):
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("these are my notes\n")
+    space = tiny_space()
+    before = snapshot(tmp_path)
+    code = search.main(["--local", "--space", space, "--name", "x", "--storage-path", str(tmp_path / "res"),
+                        "--optuna-storage", str(garbage)])
+    assert code == 2
+    assert_one_error(capsys.readouterr().err, f"{garbage} is not an Optuna journal")
+    assert snapshot(tmp_path) == before
