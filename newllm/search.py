@@ -386,11 +386,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
     exp_dir = experiment_dir(args)
     ExperimentLock(exp_dir).check_free()
     exists = tune.Tuner.can_restore(exp_dir)
-    if args.resume and not exists:
-        started = recorded_space(exp_dir) is not None
-        raise ValueError(f"--resume: no experiment to continue at {exp_dir}" + (
-            " (its driver stopped before Tune saved any state: remove the directory and start it again)"
-            if started else ""))
+    # a driver killed before Tune saved any state leaves only the recorded space: resume starts it anew
+    started = exists or recorded_space(exp_dir) is not None
+    if args.resume and not started:
+        raise ValueError(f"--resume: no experiment to continue at {exp_dir}")
     if not args.resume and (exists or has_content(exp_dir)):
         raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
     if args.resume:
@@ -421,7 +420,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
     if not args.resume and taken:
         raise ValueError(f"the Optuna storage {storage} already holds a study named {taken[0]!r}: choose "
                          f"another --name, or another --optuna-storage")
-    if args.resume and (missing := [s for s in names if s not in existing]):
+    if args.resume and exists and (missing := [s for s in names if s not in existing]):
         raise ValueError(f"the Optuna storage {storage} holds no study named {missing[0]!r}: pass the "
                          f"--optuna-storage that the search started with")
     if not args.local:
@@ -589,6 +588,7 @@ def run_claimed(args: argparse.Namespace, plan: Plan, data_floors: dict) -> int:
               f"{aside}", flush=True)
     if not args.resume:
         record_space(exp_dir, space)
+    if not args.resume or recorded_floors(exp_dir) is None:
         record_floors(exp_dir, data_floors)
     if not run_search(args, space, plan.data, plan.num_trials, concurrency, exp_dir, storage=storage):
         print(f"interrupted: the search stopped after saving its state; what had landed is kept; continue "
@@ -886,17 +886,19 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
     studies = None if storage is None else open_storage(storage)
     total = num_trials * len(kinds(space))
     callbacks = [ParquetResults(exp_dir, TrialRow(space, versions(), exp_dir), TrialRow.dtypes()), Progress(total)]
-    if args.resume:
-        if studies is not None:
-            for study in study_names(args.name, space).values():
-                fail_left_running(studies, study)
+    if args.resume and studies is not None:
+        for study in study_names(args.name, space).values():
+            fail_left_running(studies, study)
+    # (a driver killed before Tune saved any state leaves nothing to restore: the search starts anew)
+    if args.resume and tune.Tuner.can_restore(exp_dir):
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         # Tune restores the searcher and callbacks pickled when the search began, with the paths
         # they had then: a moved or copied experiment must use its own. Tuner has no public way to
         # give them; tests/test_faults.py's relocation test fails if this stops working.
         restored = tuner._local_tuner
         restored._run_config.callbacks = callbacks
-        restored._tune_config.search_alg.relocate(exp_dir, studies, landed_results(exp_dir, space))
+        search_alg = restored._tune_config.search_alg
+        search_alg.relocate(exp_dir, studies, landed_results(exp_dir, space))
     else:
         metrics = space.metrics
         metric, mode = (metrics, ["min"] * len(metrics)) if len(metrics) > 1 else (metrics[0], "min")
@@ -926,9 +928,10 @@ def run_search(args, space: SearchSpace, data, num_trials: int, concurrency: int
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
         )
     with quiet_tune():
-        tuner.fit()
-    # (not fit()'s result grid: Tune counts the trials it stops on an interruption as terminated)
-    finished = landed_trials(exp_dir) >= total
+        results = tuner.fit()
+    # every trial made and landed (not the result grid's counts: Tune counts the trials it stops
+    # on an interruption as terminated)
+    finished = search_alg.is_finished() and landed_trials(exp_dir) >= len(results)
     if finished:
         prune_checkpoints(exp_dir)
     return finished

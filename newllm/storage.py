@@ -207,6 +207,9 @@ def fail_left_running(storage: optuna.storages.BaseStorage, name: str) -> None:
     and StudySearch gives Optuna their results then."""
     import optuna
 
-    for trial in optuna.load_study(study_name=name, storage=storage).get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # a driver killed before it made the study
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)

@@ -86,12 +86,21 @@ data:
 """
 
 
+def tiny_space_text(extra: str = "") -> str:
+    """TINY_SPACE with ``extra`` fixed settings (YAML lines), which replace those of the same name
+    (a key given twice is refused)."""
+    given = {line.split(":")[0].strip() for line in extra.splitlines() if ":" in line}
+    kept = "\n".join(line for line in TINY_SPACE.splitlines()
+                     if not (line.startswith("  ") and line.split(":")[0].strip() in given and "{" not in line))
+    return kept % extra
+
+
 @pytest.fixture
 def tiny_space(tmp_path) -> Callable[..., str]:
     """Writes TINY_SPACE with ``extra`` fixed settings (YAML lines) to a file; returns its path."""
     def write(extra: str = "", name: str = "tiny.yaml") -> str:
         path = tmp_path / name
-        path.write_text(TINY_SPACE % extra)
+        path.write_text(tiny_space_text(extra))
         return str(path)
     return write
 

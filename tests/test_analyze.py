@@ -414,7 +414,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "trials.parquet" / "part-000001.parquet").write_text("not parquet")
     assert analyze.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot read the results") and err.count("\n") == 1, err
+    part = tmp_path / "trials.parquet" / "part-000001.parquet"
+    assert err.startswith(f"error: {part} is not a readable Parquet file") and err.count("\n") == 1, err
     (tmp_path / "empty").mkdir()
     with pytest.raises(analyze.ExperimentError, match="not a newllm experiment directory"):
         analyze.write_report(tmp_path / "empty")

@@ -601,14 +601,16 @@ def test_a_cut_journal_is_repaired_and_a_whole_last_record_kept(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_copied_experiment_resumes_and_exports_from_its_new_place(tmp_path, tiny_space, driver):
+def test_ctrl_c_stops_cleanly_and_the_copied_experiment_resumes_and_exports_from_its_new_place(
+        tmp_path, tiny_space, driver):
     old, new = tmp_path / "old", tmp_path / "new"
     running = driver.start("--local", "--space", tiny_space(GATE_OPEN), "--name", "m", "--storage-path", str(old))
-    try:
-        driver.until_first_trial_lands(running)
-    finally:
-        os.killpg(running.pid, signal.SIGKILL)
-        running.wait()
+    driver.until_first_trial_lands(running)
+    os.killpg(running.pid, signal.SIGINT)  # Ctrl+C reaches the terminal's whole process group
+    assert running.wait(timeout=120) == 130
+    assert_one_line(running.stderr.read(), "interrupted:", "--resume --name m")
+    assert not (old / "m" / "report.html").exists() and len(results.load(old / "m")[0]) >= 1
+    # the interrupted experiment, copied elsewhere, the original deleted
     shutil.copytree(old / "m", new / "m")
     shutil.rmtree(old)
     done = driver.run("--resume", "--name", "m", "--storage-path", str(new), "--local")
@@ -647,18 +649,6 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_resume(tmp_path, tiny_spa
     done = driver.run("--resume", "--name", "f", "--storage-path", str(tmp_path / "big"), "--local")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(results.load(tmp_path / "big" / "f")[0]) == 3
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_with_the_resume_command(tmp_path, tiny_space, driver):
-    running = driver.start("--local", "--space", tiny_space(GATE_OPEN), "--name", "c", "--storage-path",
-                           str(tmp_path / "res"))
-    driver.until_first_trial_lands(running)
-    os.killpg(running.pid, signal.SIGINT)  # Ctrl+C reaches the terminal's whole process group
-    assert running.wait(timeout=120) == 130
-    assert_one_line(running.stderr.read(), "interrupted:", "--resume --name c")
-    assert not (tmp_path / "res" / "c" / "report.html").exists()
-    assert len(results.load(tmp_path / "res" / "c")[0]) >= 1
 
 
 # --- the writer never loses a finished trial's row ---------------------------------------------------
@@ -751,11 +741,11 @@ def test_a_storage_path_that_is_a_file_or_read_only_is_refused(tmp_path, tiny_sp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("resources", [["--cpus-per-trial", "64"], ["--gpus-per-trial", "1"]])
-def test_resources_no_node_can_give_are_refused_not_waited_for(tmp_path, tiny_space, driver, resources):
-    r = driver.run("--local", "--space", tiny_space(), "--name", "r", "--storage-path", str(tmp_path / "res"),
-                   *resources, timeout=120)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert_one_line(r.stderr, "no node of the Ray cluster fits one trial", "lower --cpus-per-trial")
+def test_resources_no_node_can_give_are_refused_not_waited_for(tmp_path, tiny_space, capsys, resources):
+    code = search.main(["--local", "--space", tiny_space(), "--name", "r", "--storage-path", str(tmp_path / "res"),
+                        *resources])
+    assert code == 2
+    assert_one_error(capsys.readouterr().err, "no node of the Ray cluster fits one trial", "lower --cpus-per-trial")
     assert not (tmp_path / "res").exists()
 
 

@@ -219,13 +219,13 @@ def test_the_optuna_study_is_live_during_the_search_and_complete_after(tmp_path,
     seen_running = None
     for line in driver.stdout:  # as optuna-dashboard would, while the driver runs
         if "1/3 finished" in line and seen_running is None:
-            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-            seen_running = [t.state for t in optuna.load_study(study_name="live", storage=storage).trials]
+            studies = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+            seen_running = [t.state for t in optuna.load_study(study_name="live", storage=studies).trials]
             assert driver.poll() is None
     assert driver.wait(timeout=300) == 0
     assert optuna.trial.TrialState.COMPLETE in seen_running
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="live", storage=storage)
+    studies = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="live", storage=studies)
     trials, _ = results.load(tmp_path / "res" / "live")
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
