@@ -151,6 +151,7 @@ class TrainConfig:
         return _newllm_non_embedding_params(self.model_config(vocab_size))
 
     def baseline_config(self) -> BaselineConfig:
+        """The baseline model this config describes (the baseline family's fields)."""
         return BaselineConfig(self.architecture, self.embed_dim, self.hidden_dim, self.num_layers,
                               self.context_window, self.num_heads, self.dropout, self.seed)
 

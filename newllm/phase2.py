@@ -44,7 +44,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from newllm.config import TrainConfig
@@ -74,6 +73,9 @@ class EpochRecord:
 
 @dataclass
 class Phase2Result:
+    """What ``fit`` ends with (New-LLM's Phase 2 or a baseline's training): every epoch's record
+    and the best one, why it stopped, and the batch layout it trained with."""
+
     history: list[EpochRecord]
     best_epoch: int   # 0 only in ``EpochEnd.so_far`` while no epoch has been finite
     stop_reason: StopReason
@@ -292,11 +294,19 @@ def phase2_layout(num_tokens: int, cfg: TrainConfig) -> tuple[int, int]:
 def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg: TrainConfig,
                  on_epoch: Callable[[EpochEnd], None] | None = None,
                  resume: Phase2State | None = None) -> Phase2Result:
-    """New-LLM's Phase 2 through ``fit``: train on the train stream of ``train`` (its ids and
-    Phase 1's fixed contexts), measure on ``val_ids`` each epoch with ``stream_metrics``;
-    ``model`` ends with its best weights. ``on_epoch`` follows every epoch, with a
-    ``Phase2State`` when the epoch is the best so far. ``resume``: continue after that state's
-    epoch (``model`` holding its weights)."""
+    """New-LLM's Phase 2 through ``fit``, in the mode ``cfg.freeze_context`` says (the module
+    docstring); ``model`` ends with its best weights.
+
+    Args:
+        model: The model after Phase 1 (or holding ``resume``'s weights).
+        train: The train stream: its ids and Phase 1's fixed contexts.
+        val_ids: The val stream, measured each epoch by ``stream_metrics`` (``head_metrics`` on
+            its contexts, read once, with freeze_context).
+        cfg: The Phase 2 settings (lr, epochs, patience, batch size, bptt window, seed, mode).
+        on_epoch: ``fit``'s: every epoch's ``EpochEnd``, with a ``Phase2State`` when it is the
+            best so far.
+        resume: Continue after that state's epoch (``model`` holding its weights).
+    """
     params = list(model.head.parameters())
     if not cfg.freeze_context:
         params += model.context_parameters()
