@@ -11,62 +11,31 @@ matched parameter count. No Phase 1, no gate; their token embeddings train, as i
   ``hidden_dim``. It sees at most ``context_window`` tokens.
 
 Sizes are compared as ``num_params(non_embedding=True)`` (nanoGPT's convention); ``size_for``
-picks the width that matches a target count. Training (``train_baseline``) and the val
-definition (``baseline_stream_metrics``) follow ``newllm.phase2``: the same streams x window
-batches, the same optimiser and early stopping, and the same N - 1 predicted val positions.
+picks the width that matches a target count; the config (``BaselineConfig``) lives in
+``newllm.config``. Training (``train_baseline``) runs through New-LLM's Phase 2 loop,
+``newllm.phase2.fit``: the same streams x window batches (``num_phase2_streams``), the same
+optimiser step and early stopping; and the val definition (``baseline_stream_metrics``) has
+the same N - 1 predicted val positions.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from newllm.config import BaselineArchitecture, BaselineConfig, non_embedding_params
 from newllm.phase1 import as_streams
-from newllm.phase2 import GRAD_CLIP, EpochRecord, Phase2Result, StopReason, perplexity
+from newllm.phase2 import EpochEnd, Phase2Result, fit, num_phase2_streams, optimizer_step
 
-Architecture = Literal["lstm", "gru", "transformer"]
-ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
-FFN_MULT = 4            # transformer feed-forward width, in multiples of d_model
+FFN_MULT = 4            # transformer feed-forward width, in multiples of d_model (as non_embedding_params counts)
 SIZE_TOLERANCE = 0.1    # size_for: non-embedding count within +-10% of the target
 EVAL_TOKENS = 8192      # tokens per forward call when measuring a val stream
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # GRU: h; LSTM: (h, c); None: zeros
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    architecture: Architecture = "lstm"
-    embed_dim: int = 32
-    hidden_dim: int = 64          # LSTM/GRU hidden size; the transformer's d_model
-    num_layers: int = 1
-    context_window: int = 64      # transformer only: most tokens it attends to
-    num_heads: int = 4            # transformer only: must divide hidden_dim
-    dropout: float = 0.0
-    seed: int = 42                # weight initialisation (build_baseline)
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        for name in ("embed_dim", "hidden_dim", "num_layers", "context_window", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.architecture == "transformer" and self.hidden_dim % self.num_heads:
-            raise ValueError(f"the transformer needs hidden_dim (d_model) divisible by num_heads, "
-                             f"got hidden_dim={self.hidden_dim}, num_heads={self.num_heads}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -151,19 +120,7 @@ def build_baseline(cfg: BaselineConfig, vocab_size: int) -> BaselineLM:
 # --- matching a parameter count -----------------------------------------------------------------
 
 
-def non_embedding_params(cfg: BaselineConfig, vocab_size: int) -> int:
-    """``num_params(non_embedding=True)`` of the model ``cfg`` describes, by formula (size_for
-    evaluates it many times; a test holds it equal to the built model's count)."""
-    h, e, layers, head = cfg.hidden_dim, cfg.embed_dim, cfg.num_layers, cfg.hidden_dim * vocab_size + vocab_size
-    if cfg.architecture == "transformer":
-        # input projection; per layer attention (in 3d^2 + 3d, out d^2 + d), feed-forward
-        # (4d^2 + 4d, 4d^2 + d) and two LayerNorms (4d); the final LayerNorm (2d)
-        return e * h + layers * (12 * h * h + 13 * h) + 2 * h + head
-    gates = 4 if cfg.architecture == "lstm" else 3  # per layer: weights of input and state, two biases
-    return sum(gates * h * ((e if layer == 0 else h) + h + 2) for layer in range(layers)) + head
-
-
-def size_for(architecture: Architecture, target_non_embedding: int, vocab_size: int, embed_dim: int,
+def size_for(architecture: BaselineArchitecture, target_non_embedding: int, vocab_size: int, embed_dim: int,
              num_layers: int, *, context_window: int = BaselineConfig.context_window,
              num_heads: int = BaselineConfig.num_heads, dropout: float = BaselineConfig.dropout,
              seed: int = BaselineConfig.seed, tolerance: float = SIZE_TOLERANCE) -> BaselineConfig:
@@ -293,19 +250,11 @@ def hand_over(state: State) -> State:
     return tuple(s.roll(1, dims=1) for s in state) if isinstance(state, tuple) else state.roll(1, dims=1)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    optimizer.step()
-
-
-def recurrent_epoch(model: RecurrentLM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                    targets: torch.Tensor, state: State, window: int) -> tuple[float, State]:
+def recurrent_epoch(model: RecurrentLM, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                    inputs: torch.Tensor, targets: torch.Tensor, state: State, window: int) -> tuple[float, State]:
     """One epoch of truncated backpropagation over streams ``inputs`` [B, L] with next-token
     ``targets`` [B, L] from ``state``: one step per window, the state carried to the next
     window detached. Returns the mean train loss and each stream's last state."""
-    params = list(model.parameters())
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)  # summed on the device: no sync per step
     for s in range(0, inputs.shape[1], window):
         logits, state = model(inputs[:, s:s + window], state)
@@ -317,12 +266,11 @@ def recurrent_epoch(model: RecurrentLM, optimizer: torch.optim.Optimizer, inputs
     return float(loss_sum) / targets.numel(), state
 
 
-def transformer_epoch(model: TransformerLM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                      targets: torch.Tensor, window: int) -> float:
+def transformer_epoch(model: TransformerLM, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                      inputs: torch.Tensor, targets: torch.Tensor, window: int) -> float:
     """One epoch over streams ``inputs`` [B, L]: one step per window of ``window`` tokens, each
     read after up to context_window - window preceding tokens of its own stream (its analogue
     of a carried state) and scored on its own tokens only. Returns the mean train loss."""
-    params = list(model.parameters())
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
     for s in range(0, inputs.shape[1], window):
         y = targets[:, s:s + window]
@@ -334,36 +282,37 @@ def transformer_epoch(model: TransformerLM, optimizer: torch.optim.Optimizer, in
     return float(loss_sum) / targets.numel()
 
 
-def num_streams(num_tokens: int, batch_size: int, bptt: int) -> int:
-    """``batch_size // bptt`` streams, fewer if a stream would be shorter than one window."""
-    return max(1, min(batch_size // bptt, (num_tokens - 1) // max(bptt, 2)))
-
-
 def train_baseline(model: BaselineLM, train_ids: torch.Tensor, val_ids: torch.Tensor, *, lr: float, epochs: int,
                    patience: int, batch_size: int, bptt: int, seed: int, stride: int | None = None,
-                   on_epoch: Callable[[EpochRecord, bool], None] | None = None) -> Phase2Result:
-    """Train ``model`` end to end on ``train_ids`` as Phase 2 trains New-LLM; ``model`` ends
-    with its best epoch's weights.
+                   on_epoch: Callable[[EpochEnd], None] | None = None) -> Phase2Result:
+    """Train ``model`` end to end on ``train_ids`` through Phase 2's loop (``newllm.phase2.fit``),
+    as New-LLM's Phase 2 is trained; ``model`` ends with its best epoch's weights.
 
-    Batches: ``batch_size`` tokens per step = ``batch_size // bptt`` contiguous streams of the
-    train stream side by side x a window of ``bptt`` tokens (fewer streams on a short stream).
-    LSTM/GRU: truncated backpropagation, each stream's state carried from window to window
-    (detached) and handed over between epochs (stream b continues from stream b - 1's end,
-    stream 0 from the last stream's); epoch 1 starts from zero state (there is no Phase 1).
-    Transformer: ``transformer_epoch`` (each window after up to context_window - bptt tokens of
-    its stream; needs bptt <= context_window).
+    Batches: ``batch_size`` tokens per step = ``num_phase2_streams`` contiguous streams of the
+    train stream side by side x a window of ``bptt`` tokens. LSTM/GRU: truncated
+    backpropagation, each stream's state carried from window to window (detached) and handed
+    over between epochs (stream b continues from stream b - 1's end, stream 0 from the last
+    stream's); epoch 1 starts from zero state (there is no Phase 1). Transformer:
+    ``transformer_epoch`` (each window after up to context_window - bptt tokens of its stream).
 
-    Adam at ``lr``, gradient clip 1.0; after each epoch the val loss of
-    ``baseline_stream_metrics`` (``stride`` for the transformer), early stopping after
-    ``patience`` epochs without improvement. ``seed`` fixes the dropout masks. ``on_epoch``
-    gets each epoch's record and whether it is the best so far (the model then holds its
-    weights: what a checkpoint taken there saves).
+    Args:
+        model: The baseline trained, in train mode for each training epoch.
+        train_ids: The train token stream (>= 3 tokens).
+        val_ids: The val token stream (>= 2 tokens), measured after each epoch by
+            ``baseline_stream_metrics``.
+        lr: Adam's learning rate.
+        epochs: The most epochs.
+        patience: Early stopping after this many epochs without a val improvement.
+        batch_size: Tokens per optimiser step.
+        bptt: Tokens per stream and step (<= ``batch_size``; <= the transformer's context_window).
+        seed: Fixes the dropout masks (the global RNG is left as it was).
+        stride: The transformer's val stride (``stream_logits``).
+        on_epoch: ``fit``'s ``on_epoch``; its ``EpochEnd.state`` is None: a baseline restarts
+            instead of resuming.
     """
-    for name, value in (("epochs", epochs), ("patience", patience), ("batch_size", batch_size), ("bptt", bptt)):
+    for name, value in (("batch_size", batch_size), ("bptt", bptt)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
     if bptt > batch_size:
         raise ValueError(f"bptt ({bptt}) must be <= batch_size ({batch_size}): "
                          f"a step's batch is streams x window tokens")
@@ -372,43 +321,23 @@ def train_baseline(model: BaselineLM, train_ids: torch.Tensor, val_ids: torch.Te
     if len(train_ids) < 3 or len(val_ids) < 2:
         raise ValueError(f"need >= 3 train and >= 2 val tokens, got {len(train_ids)} and {len(val_ids)}")
 
-    start_time = time.perf_counter()
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    streams = num_streams(len(train_ids), batch_size, bptt)
+    streams = num_phase2_streams(len(train_ids), batch_size, bptt)
     inputs = as_streams(train_ids[:-1].to(device), streams)
     targets = as_streams(train_ids[1:].to(device), streams)
-
-    history: list[EpochRecord] = []
-    best_loss, best_epoch, best_state = math.inf, 0, None
-    reason: StopReason = "max_epochs"
     carry: State = None
+
+    def train_epoch(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
+        nonlocal carry
+        model.train()
+        if isinstance(model, TransformerLM):
+            return transformer_epoch(model, optimizer, params, inputs, targets, bptt)
+        train_loss, last = recurrent_epoch(model, optimizer, params, inputs, targets, carry, bptt)
+        carry = hand_over(last)
+        return train_loss
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            if isinstance(model, RecurrentLM):
-                train_loss, last = recurrent_epoch(model, optimizer, inputs, targets, carry, bptt)
-                carry = hand_over(last)
-            else:
-                train_loss = transformer_epoch(model, optimizer, inputs, targets, bptt)
-            val_loss, val_acc = baseline_stream_metrics(model, val_ids, stride=stride)
-            record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val_acc, time.perf_counter() - t0)
-            history.append(record)
-            finite = math.isfinite(val_loss) and math.isfinite(train_loss)
-            improved = finite and val_loss < best_loss
-            if improved:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            if on_epoch is not None:
-                on_epoch(record, improved)
-            if not finite:
-                reason = "diverged"
-                break
-            if not improved and epoch - best_epoch >= patience:
-                reason = "early_stopping"
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return Phase2Result(history, max(best_epoch, 1), reason, time.perf_counter() - start_time, streams, bptt)
+        return fit(model, list(model.parameters()), lr=lr, epochs=epochs, patience=patience,
+                   train_epoch=train_epoch, measure=lambda: baseline_stream_metrics(model, val_ids, stride=stride),
+                   layout=(streams, bptt), on_epoch=on_epoch)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from newllm.baselines import BaselineConfig, BaselineLM, build_baseline
-from newllm.config import BASELINE_ARCHITECTURES
+from newllm.baselines import BaselineLM, build_baseline
+from newllm.config import BASELINE_ARCHITECTURES, BaselineConfig
 from newllm.model import ModelConfig, NewLLM
 
 MODEL_FILE = "model.pt"

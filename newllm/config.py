@@ -1,5 +1,6 @@
-"""TrainConfig: every setting of one New-LLM training run, validated once; and the command-line
-flags of TrainConfig and DataConfig, generated from their fields.
+"""TrainConfig: every setting of one New-LLM or baseline training run, validated once; the
+baselines' BaselineConfig; and the command-line flags of TrainConfig and DataConfig, generated
+from their fields.
 
 Field names are the seed's command-line names with underscores (``--context-dim`` is
 ``context_dim``). The CLIs build their flags from these fields, a search space names them as
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -19,17 +20,13 @@ from newllm.checks import number_problem
 from newllm.data import DataConfig
 from newllm.model import ARCHITECTURES, ModelConfig, NewLLM
 
-if TYPE_CHECKING:
-    from newllm.baselines import BaselineConfig
-
 # standard language models trained end to end, to compare New-LLM with (newllm.baselines)
-BASELINE_ARCHITECTURES = ("lstm", "gru", "transformer")
+BaselineArchitecture = Literal["lstm", "gru", "transformer"]
+BASELINE_ARCHITECTURES: tuple[str, ...] = get_args(BaselineArchitecture)
 Family = Literal["newllm", "baseline"]
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 PHASE1_MODES = ("exact", "jacobi")
-# earlier name of the Jacobi mode, still accepted
-PHASE1_MODE_ALIASES = {"parallel": "jacobi"}
 
 
 def _f(default, help: str, family: Family | None = None, **extra):
@@ -71,9 +68,8 @@ class TrainConfig:
     convergence_threshold: float = _n(0.02, "a token is converged when MSE to its previous-pass context < this")
     min_converged_ratio: float = _n(0.95, "Phase 1 succeeds when this fraction of tokens converged")
     collapse_patience: int = _n(3, "stop Phase 1 after this many passes with train ER below the gate")
-    phase1_mode: str = _n("exact", "exact: the sequential recurrence; jacobi (alias parallel): every position at "
-                                   "once from the previous pass's contexts",
-                          choices=PHASE1_MODES + tuple(PHASE1_MODE_ALIASES))
+    phase1_mode: str = _n("exact", "exact: the sequential recurrence; jacobi: every position at once from the "
+                                   "previous pass's contexts", choices=PHASE1_MODES)
     phase1_streams: int = _n(128, "B contiguous chunks of the stream processed side by side, each >= 128 "
                                   "tokens (fewer on short streams; 1 = the seed's single stream)")
     phase1_chunk_tokens: int = _n(4096, "tokens per batched backward chunk (bounds memory)")
@@ -126,7 +122,6 @@ class TrainConfig:
         if self.phase2_bptt > self.phase2_batch_size:
             raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= phase2_batch_size ({self.phase2_batch_size}): "
                              f"a step's batch is streams x window tokens")
-        object.__setattr__(self, "phase1_mode", PHASE1_MODE_ALIASES.get(self.phase1_mode, self.phase1_mode))
         if self.phase1_mode not in PHASE1_MODES:
             raise ValueError(f"phase1_mode must be one of {PHASE1_MODES}, got {self.phase1_mode!r}")
 
@@ -152,19 +147,58 @@ class TrainConfig:
         """``num_params(non_embedding=True)`` of the model this config builds, counted on the
         meta device (no memory, no initialisation)."""
         if self.family == "baseline":
-            from newllm.baselines import non_embedding_params
-
             return non_embedding_params(self.baseline_config(), vocab_size)
         return _newllm_non_embedding_params(self.model_config(vocab_size))
 
     def baseline_config(self) -> BaselineConfig:
-        from newllm.baselines import BaselineConfig
-
+        """The baseline model this config describes (the baseline family's fields)."""
         return BaselineConfig(self.architecture, self.embed_dim, self.hidden_dim, self.num_layers,
                               self.context_window, self.num_heads, self.dropout, self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """A baseline model (``newllm.baselines``), as ``TrainConfig.baseline_config`` gives it."""
+
+    architecture: BaselineArchitecture = "lstm"
+    embed_dim: int = 32
+    hidden_dim: int = 64          # LSTM/GRU hidden size; the transformer's d_model
+    num_layers: int = 1
+    context_window: int = 64      # transformer only: most tokens it attends to
+    num_heads: int = 4            # transformer only: must divide hidden_dim
+    dropout: float = 0.0
+    seed: int = 42                # weight initialisation (build_baseline)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in BASELINE_ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {BASELINE_ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("embed_dim", "hidden_dim", "num_layers", "context_window", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.architecture == "transformer" and self.hidden_dim % self.num_heads:
+            raise ValueError(f"the transformer needs hidden_dim (d_model) divisible by num_heads, "
+                             f"got hidden_dim={self.hidden_dim}, num_heads={self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def non_embedding_params(cfg: BaselineConfig, vocab_size: int) -> int:
+    """``num_params(non_embedding=True)`` of the baseline ``cfg`` describes, by formula
+    (``newllm.baselines.size_for`` evaluates it many times; a test holds it equal to the built
+    model's count)."""
+    h, e, layers, head = cfg.hidden_dim, cfg.embed_dim, cfg.num_layers, cfg.hidden_dim * vocab_size + vocab_size
+    if cfg.architecture == "transformer":
+        # input projection; per layer attention (in 3d^2 + 3d, out d^2 + d), feed-forward
+        # (4d^2 + 4d, 4d^2 + d) and two LayerNorms (4d); the final LayerNorm (2d)
+        return e * h + layers * (12 * h * h + 13 * h) + 2 * h + head
+    gates = 4 if cfg.architecture == "lstm" else 3  # per layer: weights of input and state, two biases
+    return sum(gates * h * ((e if layer == 0 else h) + h + 2) for layer in range(layers)) + head
 
 
 @functools.cache

@@ -23,10 +23,14 @@ modes for the context-update layers:
 Scoring one-step contexts computed from stale fixed inputs is what neither mode does: once
 the weights move, the recurrence no longer produces those inputs.
 
-Adam, gradient clip 1.0, early stopping with patience, and the best epoch's weights restored.
-After each epoch that improves on every earlier one, ``on_epoch`` also gets a ``Phase2State``:
-with the model's weights (then the best) it resumes Phase 2 exactly where that epoch ended,
-which is what the search's checkpoints hold.
+**One fit loop** (``fit``) trains New-LLM's Phase 2 and every baseline (``newllm.baselines``),
+so that the comparison's fairness rests on shared code: Adam, the optimiser step with gradient
+clip 1.0 (``optimizer_step``), early stopping with patience on the val loss, the best epoch's
+weights restored, the ``on_epoch`` callback and the resume state. A caller supplies only what
+differs: how a training epoch runs over its batches and how val is measured. After each epoch
+that improves on every earlier one, ``on_epoch`` also gets a ``Phase2State`` (New-LLM's): with
+the model's weights (then the best) it resumes Phase 2 exactly where that epoch ended, which is
+what the search's checkpoints hold.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from newllm.config import TrainConfig
 from newllm.model import NewLLM
@@ -68,8 +73,11 @@ class EpochRecord:
 
 @dataclass
 class Phase2Result:
+    """What ``fit`` ends with (New-LLM's Phase 2 or a baseline's training): every epoch's record
+    and the best one, why it stopped, and the batch layout it trained with."""
+
     history: list[EpochRecord]
-    best_epoch: int
+    best_epoch: int   # 0 only in ``EpochEnd.so_far`` while no epoch has been finite
     stop_reason: StopReason
     seconds: float
     streams: int      # side-by-side training streams (0 with freeze_context: shuffled positions)
@@ -109,11 +117,6 @@ def perplexity(loss: float) -> float:
 # --- the one val definition -------------------------------------------------------------------
 
 
-def predicted_positions(num_tokens: int) -> int:
-    """How many next tokens a stream of ``num_tokens`` has: every token after the first."""
-    return max(num_tokens - 1, 0)
-
-
 @torch.inference_mode()
 def read_contexts(model: NewLLM, ids: torch.Tensor) -> torch.Tensor:
     """Contexts [N - 1, C] after each of ``ids``[:-1], read as one sequence from zero context."""
@@ -139,7 +142,109 @@ def stream_metrics(model: NewLLM, ids: torch.Tensor) -> tuple[float, float]:
     return head_metrics(model, read_contexts(model, ids), ids[1:])
 
 
-# --- training -----------------------------------------------------------------------------------
+# --- the one fit loop -------------------------------------------------------------------------
+
+TrainEpoch = Callable[[torch.optim.Optimizer, list[nn.Parameter]], float]
+Measure = Callable[[], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """An epoch as ``fit`` hands it to ``on_epoch``."""
+
+    record: EpochRecord
+    best: bool                  # the best epoch so far: the model holds its weights
+    state: Phase2State | None   # when best, the state that resumes after it (None: the caller cannot resume)
+    so_far: Phase2Result        # the fit as it ends if stopped here from outside (stop reason "scheduler")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
+    """The one optimiser step of every model newllm trains: backward, gradient norm over
+    ``params`` clipped to GRAD_CLIP, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
+
+
+def fit(model: nn.Module, params: list[nn.Parameter], *, lr: float, epochs: int, patience: int,
+        train_epoch: TrainEpoch, measure: Measure, layout: tuple[int, int],
+        order: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+        on_epoch: Callable[[EpochEnd], None] | None = None, resume: Phase2State | None = None) -> Phase2Result:
+    """Train ``model`` epoch by epoch: the one loop of New-LLM's Phase 2 and of every baseline,
+    so that both are trained and stopped alike. Adam at ``lr`` over ``params``; after each
+    epoch the val loss, early stopping after ``patience`` epochs without improvement (or at
+    the first epoch whose train or val loss is not finite); ``model`` ends with the best
+    epoch's weights.
+
+    Args:
+        model: The model trained; its weights are saved at each best epoch and restored at the end.
+        params: What Adam trains, and what ``optimizer_step`` clips the gradient norm of.
+        lr: Adam's learning rate.
+        epochs: The most epochs, counting those of ``resume``.
+        patience: Stop after this many epochs without a val improvement.
+        train_epoch: Runs one training epoch over its batches, one ``optimizer_step(optimizer,
+            params, loss)`` per batch, given (optimizer, params); returns the mean train loss.
+        measure: The val (loss, accuracy) of the model's current weights.
+        layout: (side-by-side streams, tokens per stream and step) that the result reports.
+        order: Where the data order stands after an epoch, ``(carry, generator)`` as in
+            ``Phase2State``; with it each best epoch's ``EpochEnd`` holds a ``Phase2State``.
+            None: no state (the caller starts again instead of resuming).
+        on_epoch: Called after every epoch with its ``EpochEnd``.
+        resume: Continue after that state's epoch: ``model`` holds its weights, and the
+            caller has put its data order back (``carry``, ``generator``).
+    """
+    for name, value in (("epochs", epochs), ("patience", patience)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    start_time = time.perf_counter() - (resume.seconds if resume else 0.0)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    history: list[EpochRecord] = []
+    best_loss, best_epoch, best_state = math.inf, 0, None
+    if resume is not None:
+        history = list(resume.history)
+        best_loss, best_epoch = history[-1].val_loss, len(history)
+        best_state = copy.deepcopy(model.state_dict())
+        optimizer.load_state_dict(resume.optimizer)
+    reason: StopReason = "max_epochs"
+    for epoch in range(len(history) + 1, epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = train_epoch(optimizer, params)
+        val_loss, val_acc = measure()
+        record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val_acc, time.perf_counter() - t0)
+        history.append(record)
+        finite = math.isfinite(val_loss) and math.isfinite(train_loss)
+        best, state = finite and val_loss < best_loss, None
+        if best:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+            if order is not None:
+                state = Phase2State(list(history), copy.deepcopy(optimizer.state_dict()), *order(),
+                                    time.perf_counter() - start_time)
+        if on_epoch is not None:
+            so_far = Phase2Result(list(history), best_epoch, "scheduler", time.perf_counter() - start_time, *layout)
+            on_epoch(EpochEnd(record, best, state, so_far))
+        if not finite:
+            reason = "diverged"
+            break
+        if epoch - best_epoch >= patience:
+            reason = "early_stopping"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return Phase2Result(history, max(best_epoch, 1), reason, time.perf_counter() - start_time, *layout)
+
+
+def num_phase2_streams(num_tokens: int, batch_size: int, bptt: int) -> int:
+    """Side-by-side training streams of a stream of ``num_tokens``, the one rule of New-LLM's
+    Phase 2 and of the baselines: ``batch_size // bptt``, fewer if a stream would be shorter
+    than one ``bptt`` window or than the 2 tokens ``as_streams`` needs."""
+    return max(1, min(batch_size // bptt, (num_tokens - 1) // max(bptt, 2)))
+
+
+# --- New-LLM's Phase 2 --------------------------------------------------------------------------
 
 
 def window_loss(model: NewLLM, e: torch.Tensor, targets: torch.Tensor,
@@ -160,10 +265,7 @@ def tbptt_epoch(model: NewLLM, optimizer: torch.optim.Optimizer, params: list, e
     for s in range(0, e.shape[1], window):
         y = targets[:, s:s + window]
         loss, c = window_loss(model, e[:, s:s + window], y, c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
+        optimizer_step(optimizer, params, loss)
         loss_sum += loss.detach() * y.numel()
         c = c.detach()  # the truncation: the next window's gradient stops here
     return float(loss_sum) / targets.numel(), c
@@ -176,92 +278,77 @@ def head_epoch(model: NewLLM, optimizer: torch.optim.Optimizer, params: list, co
     loss_sum = torch.zeros((), dtype=torch.float64, device=contexts.device)
     for idx in order.split(batch_size):
         loss = F.cross_entropy(model.head(contexts[idx]), targets[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
+        optimizer_step(optimizer, params, loss)
         loss_sum += loss.detach() * len(idx)
     return float(loss_sum) / len(targets)
-
-
-def num_phase2_streams(num_tokens: int, cfg: TrainConfig) -> int:
-    """Side-by-side streams of the default mode: ``phase2_batch_size // phase2_bptt`` tokens'
-    worth, fewer if a stream would be shorter than one window."""
-    return max(1, min(cfg.phase2_batch_size // cfg.phase2_bptt, (num_tokens - 1) // cfg.phase2_bptt))
 
 
 def phase2_layout(num_tokens: int, cfg: TrainConfig) -> tuple[int, int]:
     """(side-by-side streams, tokens per stream and step) of Phase 2 on ``num_tokens`` train
     tokens; (0, 1) with freeze_context, which trains on shuffled positions."""
-    return (0, 1) if cfg.freeze_context else (num_phase2_streams(num_tokens, cfg), cfg.phase2_bptt)
+    if cfg.freeze_context:
+        return 0, 1
+    return num_phase2_streams(num_tokens, cfg.phase2_batch_size, cfg.phase2_bptt), cfg.phase2_bptt
 
 
 def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg: TrainConfig,
-                 on_epoch: Callable[[EpochRecord, Phase2State | None], None] | None = None,
+                 on_epoch: Callable[[EpochEnd], None] | None = None,
                  resume: Phase2State | None = None) -> Phase2Result:
-    """Train on the train stream of ``train`` (its ids and Phase 1's fixed contexts), measure
-    on ``val_ids`` each epoch with ``stream_metrics``; ``model`` ends with its best weights.
-    ``on_epoch(record, state)`` follows every epoch, with ``state`` when the epoch is the best
-    so far. ``resume``: continue after that state's epoch (``model`` holding its weights)."""
-    start_time = time.perf_counter() - (resume.seconds if resume else 0.0)
+    """New-LLM's Phase 2 through ``fit``, in the mode ``cfg.freeze_context`` says (the module
+    docstring); ``model`` ends with its best weights.
+
+    Args:
+        model: The model after Phase 1 (or holding ``resume``'s weights).
+        train: The train stream: its ids and Phase 1's fixed contexts.
+        val_ids: The val stream, measured each epoch by ``stream_metrics`` (``head_metrics`` on
+            its contexts, read once, with freeze_context).
+        cfg: The Phase 2 settings (lr, epochs, patience, batch size, bptt window, seed, mode).
+        on_epoch: ``fit``'s: every epoch's ``EpochEnd``, with a ``Phase2State`` when it is the
+            best so far.
+        resume: Continue after that state's epoch (``model`` holding its weights).
+    """
     params = list(model.head.parameters())
     if not cfg.freeze_context:
         params += model.context_parameters()
-    optimizer = torch.optim.Adam(params, lr=cfg.phase2_lr)
     ids = train.ids
-    streams, window = phase2_layout(len(ids), cfg)
+    layout = phase2_layout(len(ids), cfg)
     if cfg.freeze_context:
         generator = torch.Generator().manual_seed(cfg.seed)
+        if resume is not None:
+            generator.set_state(resume.generator)
         val_contexts = read_contexts(model, val_ids)  # exact for every epoch: the context layers do not move
+
+        def train_epoch(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
+            return head_epoch(model, optimizer, params, train.contexts[:-1], ids[1:], cfg.phase2_batch_size,
+                              generator)
+
+        def measure() -> tuple[float, float]:
+            return head_metrics(model, val_contexts, val_ids[1:])
+
+        def order() -> tuple[None, torch.Tensor]:
+            return None, generator.get_state()
     else:
+        streams, window = layout
         with torch.no_grad():
             e = as_streams(model.embed(ids[:-1]), streams)
         targets = as_streams(ids[1:], streams)
-        # epoch 1 starts each stream from Phase 1's fixed context before its first token
-        firsts = (torch.arange(streams) * e.shape[1]).clamp_max(len(train.inputs) - 1)
-        carry = train.inputs[firsts.to(train.inputs.device)]
+        if resume is not None:
+            carry = resume.carry.to(train.inputs.device)
+        else:  # epoch 1 starts each stream from Phase 1's fixed context before its first token
+            firsts = (torch.arange(streams) * e.shape[1]).clamp_max(len(train.inputs) - 1)
+            carry = train.inputs[firsts.to(train.inputs.device)]
 
-    history: list[EpochRecord] = []
-    best_loss, best_epoch, best_state = math.inf, 0, None
-    if resume is not None:
-        history = list(resume.history)
-        best_loss, best_epoch = history[-1].val_loss, len(history)
-        best_state = copy.deepcopy(model.state_dict())
-        optimizer.load_state_dict(resume.optimizer)
-        if cfg.freeze_context:
-            generator.set_state(resume.generator)
-        else:
-            carry = resume.carry.to(carry.device)
-    reason: StopReason = "max_epochs"
-    for epoch in range(len(history) + 1, cfg.phase2_epochs + 1):
-        t0 = time.perf_counter()
-        if cfg.freeze_context:
-            train_loss = head_epoch(model, optimizer, params, train.contexts[:-1], ids[1:],
-                                    cfg.phase2_batch_size, generator)
-            val_loss, val_acc = head_metrics(model, val_contexts, val_ids[1:])
-        else:
+        def train_epoch(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
+            nonlocal carry
             train_loss, last = tbptt_epoch(model, optimizer, params, e, targets, carry, window)
             carry = last.roll(1, dims=0)  # hand-over: stream b continues from stream b - 1's end
-            val_loss, val_acc = stream_metrics(model, val_ids)
-        record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val_acc, time.perf_counter() - t0)
-        history.append(record)
-        finite = math.isfinite(val_loss) and math.isfinite(train_loss)
-        state = None
-        if finite and val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
-            state = Phase2State(list(history), copy.deepcopy(optimizer.state_dict()),
-                                None if cfg.freeze_context else carry.clone(),
-                                generator.get_state() if cfg.freeze_context else None,
-                                time.perf_counter() - start_time)
-        if on_epoch is not None:
-            on_epoch(record, state)
-        if not finite:
-            reason = "diverged"
-            break
-        if epoch - best_epoch >= cfg.phase2_patience:
-            reason = "early_stopping"
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return Phase2Result(history, max(best_epoch, 1), reason, time.perf_counter() - start_time, streams, window)
+            return train_loss
+
+        def measure() -> tuple[float, float]:
+            return stream_metrics(model, val_ids)
+
+        def order() -> tuple[torch.Tensor, None]:
+            return carry.clone(), None
+    return fit(model, params, lr=cfg.phase2_lr, epochs=cfg.phase2_epochs, patience=cfg.phase2_patience,
+               train_epoch=train_epoch, measure=measure, layout=layout, order=order, on_epoch=on_epoch,
+               resume=resume)

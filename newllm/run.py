@@ -25,21 +25,13 @@ from typing import Literal
 
 import torch
 
-from newllm.baselines import BaselineLM, baseline_stream_metrics, build_baseline, num_streams, train_baseline
+from newllm.baselines import BaselineLM, baseline_stream_metrics, build_baseline, train_baseline
 from newllm.config import TrainConfig
 from newllm.data import TokenData
 from newllm.metrics import FixedPointAnalysis, GateResult, analyse_fixed_points, gate
 from newllm.model import NewLLM
 from newllm.phase1 import PassRecord, Phase1Result, fixed_contexts, train_phase1
-from newllm.phase2 import (
-    EpochRecord,
-    Phase2Result,
-    Phase2State,
-    perplexity,
-    phase2_layout,
-    stream_metrics,
-    train_phase2,
-)
+from newllm.phase2 import EpochEnd, EpochRecord, Phase2Result, Phase2State, perplexity, stream_metrics, train_phase2
 
 Status = Literal["passed", "gate_failed", "diverged"]
 Model = NewLLM | BaselineLM
@@ -176,19 +168,26 @@ class TrainResult:
         self.gate = GateResult(**record["gate"])
         self.seconds = dict(record["seconds"])
 
-    def stopped_after(self, history: list[EpochRecord], seconds: float, layout: tuple[int, int]) -> TrainResult:
-        """This run as it ends if Phase 2 is stopped from outside (by a search's scheduler) after
-        the epochs of ``history``: with its best epoch's weights and val metrics."""
-        finite = [r for r in history if math.isfinite(r.val_loss) and math.isfinite(r.train_loss)]
-        if not finite:
+    def stopped_after(self, phase2: Phase2Result) -> TrainResult:
+        """This run as it ends if Phase 2 is stopped from outside (by a search's scheduler) where
+        ``phase2`` (``EpochEnd.so_far``) stands: with its best epoch's weights and val metrics."""
+        if phase2.best_epoch == 0:  # no finite epoch yet
             return dataclasses.replace(self, status="diverged")
-        best = min(finite, key=lambda r: r.val_loss)
-        phase2 = Phase2Result(list(history), best.epoch, "scheduler", seconds, *layout)
+        best = phase2.best
         stopped = dataclasses.replace(self, status="passed", phase2=phase2, val_loss=best.val_loss,
                                       val_acc=best.val_acc, final_analysis=None, final_converged_ratio=None)
         if not stopped.val_ppl < GATE_PENALTY:
             stopped.status = "diverged"
         return stopped
+
+    def phase2_done(self, phase2: Phase2Result, val: tuple[float, float]) -> None:
+        """Record Phase 2's result and the val (loss, accuracy) of the weights the run ends with
+        (and saves): what a user of the model gets; diverged if Phase 2 diverged or that
+        perplexity reached GATE_PENALTY."""
+        self.phase2 = phase2
+        self.val_loss, self.val_acc = val
+        if phase2.stop_reason == "diverged" or not self.val_ppl < GATE_PENALTY:
+            self.status = "diverged"
 
 
 @dataclass
@@ -211,6 +210,13 @@ class EpochReport:
     if_stopped: TrainResult
     best: bool                   # the best epoch so far: the model holds its weights
     state: Phase2State | None    # New-LLM's, when best; a baseline restarts instead
+
+
+def reporter(result: TrainResult, on_epoch: Callable[[EpochReport], None] | None) -> Callable[[EpochEnd], None] | None:
+    """``fit``'s ``on_epoch`` for ``result``'s run: each epoch to ``on_epoch`` as an ``EpochReport``."""
+    if on_epoch is None:
+        return None
+    return lambda end: on_epoch(EpochReport(end.record, result.stopped_after(end.so_far), end.best, end.state))
 
 
 def phase1_record(p1: Phase1Result) -> dict:
@@ -293,19 +299,8 @@ def train(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | N
     if cfg.skip_phase2:
         return result
 
-    layout = phase2_layout(len(train_fixed.ids), cfg)
-    history = list(phase2_state.history) if phase2_state is not None else []
-    p2_start = time.perf_counter() - (phase2_state.seconds if phase2_state is not None else 0.0)
-
-    def epoch_done(record: EpochRecord, state: Phase2State | None) -> None:
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(EpochReport(record, result.stopped_after(history, time.perf_counter() - p2_start, layout),
-                                 state is not None, state))
-
-    result.phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=epoch_done, resume=phase2_state)
-    # measured again on the weights the run ends with (and saves): what a user of the model gets
-    result.val_loss, result.val_acc = stream_metrics(model, val_ids)
+    phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=reporter(result, on_epoch), resume=phase2_state)
+    result.phase2_done(phase2, stream_metrics(model, val_ids))
     if not cfg.freeze_context:
         t0 = time.perf_counter()
         final = fixed_contexts(model, train_ids, cfg)
@@ -313,8 +308,6 @@ def train(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | N
             result.final_analysis = analyse_fixed_points(final.contexts, seed=cfg.seed)
             result.final_converged_ratio = final.converged_ratio
         result.seconds["final_analysis"] = time.perf_counter() - t0
-    if result.phase2.stop_reason == "diverged" or not result.val_ppl < GATE_PENALTY:
-        result.status = "diverged"
     return result
 
 
@@ -326,23 +319,10 @@ def train_baseline_run(cfg: TrainConfig, data: TokenData, model: BaselineLM, *,
     device = next(model.parameters()).device
     train_ids, val_ids = data.train_ids.to(device), data.val_ids.to(device)
     result = TrainResult(cfg, "passed", model.num_params(), model.num_params(non_embedding=True), None)
-    history: list[EpochRecord] = []
-    p2_start = time.perf_counter()
-    layout = (num_streams(len(train_ids), cfg.phase2_batch_size, cfg.phase2_bptt), cfg.phase2_bptt)
-
-    def epoch_done(record: EpochRecord, best: bool) -> None:
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(EpochReport(record, result.stopped_after(history, time.perf_counter() - p2_start, layout),
-                                 best, None))
-
-    result.phase2 = train_baseline(model, train_ids, val_ids, lr=cfg.phase2_lr, epochs=cfg.phase2_epochs,
-                                   patience=cfg.phase2_patience, batch_size=cfg.phase2_batch_size,
-                                   bptt=cfg.phase2_bptt, seed=cfg.seed, on_epoch=epoch_done)
-    # measured again on the weights the run ends with (and saves): what a user of the model gets
-    result.val_loss, result.val_acc = baseline_stream_metrics(model, val_ids)
-    if result.phase2.stop_reason == "diverged" or not result.val_ppl < GATE_PENALTY:
-        result.status = "diverged"
+    phase2 = train_baseline(model, train_ids, val_ids, lr=cfg.phase2_lr, epochs=cfg.phase2_epochs,
+                            patience=cfg.phase2_patience, batch_size=cfg.phase2_batch_size, bptt=cfg.phase2_bptt,
+                            seed=cfg.seed, on_epoch=reporter(result, on_epoch))
+    result.phase2_done(phase2, baseline_stream_metrics(model, val_ids))
     return result
 
 

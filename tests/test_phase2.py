@@ -56,7 +56,7 @@ def test_stream_metrics_are_the_model_reading_the_stream_from_zero_context(arch)
             logits.append(model.head(c))
         logits = torch.stack(logits)
     loss, acc = phase2.stream_metrics(model, ids)
-    assert phase2.predicted_positions(len(ids)) == len(logits) == 39
+    assert len(logits) == len(ids) - 1 == 39  # every token after the first
     assert loss == pytest.approx(float(F.cross_entropy(logits, ids[1:])), rel=1e-6)
     assert acc == pytest.approx(float((logits.argmax(-1) == ids[1:]).float().mean()))
     with pytest.raises(ValueError, match="no next token"):
@@ -156,3 +156,16 @@ def test_early_stopping_restores_the_best_epoch(freeze):
 def test_bptt_window_cannot_exceed_the_batch():
     with pytest.raises(ValueError, match="phase2_bptt .* must be <= phase2_batch_size"):
         config(phase2_bptt=32, phase2_batch_size=16)
+
+
+def test_streams_keep_two_tokens_with_a_one_token_window():
+    """One rule for New-LLM and the baselines: ``batch // bptt`` streams, fewer on a short stream,
+    each of >= 2 tokens even with bptt 1 (New-LLM's rule once gave 1-token streams there, which
+    ``as_streams`` refuses)."""
+    assert phase2.num_phase2_streams(1000, 32, 4) == 8
+    assert phase2.num_phase2_streams(50, 32, 4) == 8 and phase2.num_phase2_streams(30, 32, 4) == 7
+    assert phase2.num_phase2_streams(50, 32, 1) == 24
+    model, cfg = small_model(), config(phase2_bptt=1, phase2_batch_size=32, phase2_epochs=1)
+    ids = torch.randint(VOCAB, (50,), generator=torch.Generator().manual_seed(1))
+    result = phase2.train_phase2(model, phase2_data(model, cfg, ids), ids[:20], cfg)
+    assert (result.streams, result.window) == (24, 1)
