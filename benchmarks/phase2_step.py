@@ -100,7 +100,7 @@ def main() -> None:
     model = build_model(cfg, data.vocab_size, args.device)
     ids = data.train_ids.to(args.device)
     val_ids = data.val_ids.to(args.device)
-    streams = phase2.num_phase2_streams(len(ids), cfg)
+    streams = phase2.num_phase2_streams(len(ids), cfg.phase2_batch_size, cfg.phase2_bptt)
     with torch.no_grad():
         e = as_streams(model.embed(ids[:-1]), streams)[:, : args.steps * args.bptt]
     targets = as_streams(ids[1:], streams)[:, : args.steps * args.bptt]
