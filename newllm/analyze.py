@@ -105,11 +105,9 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[
                      f"search stopped).")
     if trials.empty:
         return lines
-    newllm = figures.newllm_trials(trials)
-    passed = newllm[figures.status_is(newllm, "passed")]
-    which = "New-LLM trial" if len(newllm) < len(trials) else "trial"
-    if len(passed):
-        best = passed.sort_values("objective").iloc[0]
+    which = "New-LLM trial" if figures.is_baseline(trials).any() else "trial"
+    best = figures.best_newllm_trial(trials)
+    if best is not None:
         non_embedding = best.get("num_params_non_embedding")
         size = f"{int(best.num_params):,} parameters" + (f" ({int(non_embedding):,} non-embedding)"
                                                          if pd.notna(non_embedding) else "")
@@ -138,16 +136,15 @@ def comparison_line(trials: pd.DataFrame) -> str | None:
     size, word = figures.sizes(trials), figures.size_label(trials)
     known = figures.status_is(trials, "passed") & trials["val_ppl"].notna() & size.notna()
     ok = trials[known & baseline].sort_values("val_ppl", kind="stable")
-    passed = trials[known & ~baseline].sort_values("objective", kind="stable")
+    best = figures.best_newllm_trial(trials)
 
     def described(row: pd.Series) -> str:
         return f"{row.architecture} {row.trial_id} (val_ppl {row.val_ppl:.2f}, {int(size[row.name]):,} {word})"
 
-    if passed.empty:
+    if best is None or not known[best.name]:
         if ok.empty:
             return "Neither a New-LLM nor a baseline trial passed: nothing to compare."
         return f"No New-LLM trial passed, so there is nothing to compare; the best baseline is {described(ok.iloc[0])}."
-    best = passed.iloc[0]
     head = f"Best New-LLM trial {best.trial_id} (val_ppl {best.val_ppl:.2f}, {int(size[best.name]):,} {word})"
     if ok.empty:
         tally = ", ".join(f"{n} {s}" for s, n in trials.status[baseline].fillna("error").value_counts().items())

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from newllm.checkpoint import MODEL_FILE
 from newllm.checks import check_new_out, path_arg
-from newllm.results import load
+from newllm.results import best_newllm_trial, load
 
 # the columns of the trials table that picking and exporting a trial read
 TRIAL_COLUMNS = ("trial_id", "status", "objective", "val_ppl", "checkpoint_path")
@@ -72,11 +72,11 @@ def pick_trial(trials: pd.DataFrame, trial_id: str | None) -> pd.Series:
             known = ", ".join(f"{r.trial_id} ({r.status})" for r in trials.itertuples())
             raise ValueError(f"unknown trial id {trial_id!r}; the experiment's trials are: {known}")
         return rows.iloc[0]
-    passed = trials[(trials.status == "passed") & (trials.get("family", "newllm") == "newllm")]
-    if passed.empty:
+    best = best_newllm_trial(trials)
+    if best is None:
         counts = ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items())
         raise ValueError(f"--best: no New-LLM trial passed ({counts}); pick one with --trial ID")
-    return passed.sort_values("objective").iloc[0]
+    return best
 
 
 def find_checkpoint(row: pd.Series, experiment: Path) -> Path:

@@ -31,6 +31,7 @@ from optuna.importance import PedAnovaImportanceEvaluator
 from plotly.subplots import make_subplots
 
 from newllm.config import field_types
+from newllm.results import baseline_trials, best_newllm_trial, is_baseline, newllm_trials, status_is
 
 STATUS_COLORS = {"passed": "#2ca02c", "gate_failed": "#ff7f0e", "diverged": "#d62728", "error": "#7f7f7f",
                  "running": "#1f77b4"}
@@ -46,34 +47,12 @@ BASELINE_OTHER = ("#333333", "star")
 FLOOR_STYLES = {"unigram_ppl": ("unigram floor", "#7f7f7f"), "bigram_ppl": ("bigram floor", "#404040")}
 
 
-def status_is(trials: pd.DataFrame, status: str) -> pd.Series:
-    """Boolean mask of the trials with ``status`` (a null status is no status)."""
-    return trials["status"].eq(status).fillna(False).astype(bool)
-
-
 def fmt(value) -> str:
     """A number short (4 significant digits), anything else as itself."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # --- families and sizes ------------------------------------------------------------------
-
-
-def is_baseline(trials: pd.DataFrame) -> pd.Series:
-    """Boolean mask of the baseline trials (an experiment without a ``family`` column has none)."""
-    if "family" not in trials:
-        return pd.Series(False, index=trials.index)
-    return trials["family"].eq("baseline").fillna(False).astype(bool)
-
-
-def newllm_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The New-LLM trials: the only ones with a Phase 1, a gate and New-LLM's configuration."""
-    return trials[~is_baseline(trials)]
-
-
-def baseline_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The baseline trials (LSTM, GRU, transformer trained end to end), New-LLM's yardstick."""
-    return trials[is_baseline(trials)]
 
 
 def sizes(trials: pd.DataFrame) -> pd.Series:

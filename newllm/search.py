@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from newllm import __version__
 from newllm.analyze import comparison_line, gate_saving_line, write_report
+from newllm.figures import fmt
 from newllm.config import (
     BASELINE_ARCHITECTURES,
     add_data_arguments,
@@ -45,7 +46,7 @@ from newllm.config import (
 from newllm.data import DataConfig, prepare_data
 from newllm.floors import floors, floors_line, record_floors, recorded_floors
 from newllm.lock import LOCK_FILE, ExperimentHeld, ExperimentLock
-from newllm.results import TRIALS_FILE, PartsTable, checkpoint_dir, filesystem, load
+from newllm.results import TRIALS_FILE, PartsTable, best_newllm_trial, checkpoint_dir, filesystem, load
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
 from newllm.space import (
     MATCHED,
@@ -301,10 +302,6 @@ def failure_line(trial) -> str:
     return f"{' '.join(last.split())[:300]} (traceback: {where})"
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _describe(r: dict) -> str:
     replicate = f"replicate {r['replicate']} " if r.get("replicate") else ""
     if r.get("phase") == "phase1":
@@ -329,10 +326,9 @@ def print_summary(directory: str, space: SearchSpace) -> None:
     table = trials.sort_values("objective")[[c for c in cols if c in trials]]
     with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
         print("\n" + table.to_string(index=False))
-    passed = trials[(trials.status == "passed") & (family == NEWLLM)]
     print(f"\n{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items()))
-    if len(passed):
-        best = passed.sort_values("objective").iloc[0]
+    best = best_newllm_trial(trials)
+    if best is not None:
         print(f"Best New-LLM trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
               f"{int(best.num_params):,} parameters")
         if best.replicates > 1:
@@ -340,7 +336,7 @@ def print_summary(directory: str, space: SearchSpace) -> None:
             print(f"  over its {best.replicates} replicates (seeds): objective {best.objective:.2f}, val_ppl "
                   f"{best.val_ppl_mean:.2f}{spread} over the {best.replicates_passed} that passed; the figures "
                   f"above are replicate 0's, the saved model's")
-        print("Best configuration: " + ", ".join(f"{k}={_fmt(best[k])}" for k in searched))
+        print("Best configuration: " + ", ".join(f"{k}={fmt(best[k])}" for k in searched))
 
     else:
         print("No New-LLM trial passed the gate: no best configuration.")

@@ -328,3 +328,17 @@ def test_load_before_any_trial_finished(tmp_path):
     cb.flush()
     trials, iterations = results.load(tmp_path / "started")  # rows while no trial has finished
     assert trials.empty and list(iterations.trial_id) == ["t1"]
+
+
+def test_the_best_new_llm_trial_is_the_passed_one_with_the_lowest_objective():
+    trials = pd.DataFrame({
+        "trial_id": ["gate", "lstm", "a", "b", "c"],
+        "family": ["newllm", "baseline", "newllm", "newllm", "newllm"],
+        "status": ["gate_failed", "passed", "passed", "passed", None],
+        "objective": [1.0, 2.0, 5.0, 5.0, 0.5],
+    })
+    assert results.best_newllm_trial(trials).trial_id == "a"  # not a baseline, a penalty or a null; first of ties
+    assert results.best_newllm_trial(trials[trials.trial_id != "a"]).trial_id == "b"
+    assert results.best_newllm_trial(trials[trials.status != "passed"]) is None
+    # an experiment of New-LLM trials only may lack the family column
+    assert results.best_newllm_trial(trials.drop(columns="family").iloc[2:]).trial_id == "a"
