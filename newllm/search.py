@@ -43,7 +43,7 @@ from newllm.config import (
     family_fields,
     field_types,
 )
-from newllm.data import DataConfig, prepare_data
+from newllm.data import DataConfig, TokenData, prepare_data
 from newllm.floors import floors, floors_line, record_floors, recorded_floors
 from newllm.lock import LOCK_FILE, ExperimentHeld, ExperimentLock
 from newllm.results import TRIALS_FILE, PartsTable, best_newllm_trial, checkpoint_dir, filesystem, load
@@ -366,7 +366,7 @@ class Plan:
 
     space: SearchSpace
     data_cfg: DataConfig
-    data: object  # TokenData
+    data: TokenData
     exp_dir: str
     storage: str  # the Optuna storage (``storage.optuna_storage``)
     num_trials: int
@@ -959,20 +959,22 @@ def quiet_tune():
 def landed_results(exp_dir: str, space: SearchSpace) -> dict[str, dict]:
     """Trial id -> the metrics Optuna minimises, of each trial whose row landed (errored trials,
     which the resumed search runs again, left out)."""
-    try:
-        trials = load(exp_dir)[0]
-    except FileNotFoundError:
+    table = trials_table(exp_dir).read(["trial_id", "status", *space.metrics])
+    if table is None:
         return {}
-    if trials.empty:
-        return {}
-    done = trials[trials.status != "error"]
-    return {row["trial_id"]: {m: row[m] for m in space.metrics} for _, row in done.iterrows()}
+    return {row["trial_id"]: {m: row[m] for m in space.metrics} for row in table.to_pylist()
+            if row["status"] != "error"}
 
 
 def landed_trials(exp_dir: str) -> int:
     """How many trials have their row in the experiment's trials table."""
-    table = PartsTable(f"{exp_dir.rstrip('/')}/{TRIALS_FILE}").read(["trial_id"])
+    table = trials_table(exp_dir).read(["trial_id"])
     return 0 if table is None else table.num_rows
+
+
+def trials_table(exp_dir: str) -> PartsTable:
+    """The experiment's trials table, to read only the columns a question needs."""
+    return PartsTable(f"{exp_dir.rstrip('/')}/{TRIALS_FILE}")
 
 
 def prune_checkpoints(exp_dir: str) -> int:
