@@ -1,7 +1,7 @@
 """ASHA on Phase 2: the Phase 2 compute it saves and what it costs in the best val perplexity.
 
 For each seed, N configurations are drawn once from the space by Optuna's seeded random sampler
-and searched twice through ``newllm.search.run_search`` (enqueued in the study, so no sampler
+and searched twice through ``newllm.search.algorithms.run_search`` (enqueued in the study, so no sampler
 chooses), on the same local Ray of as many slots as cores: ``--scheduler none``, where every
 trial runs Phase 2 to its own end, and ``--scheduler asha``. From each search's trials table:
 the total Phase 2 seconds (``phase2_seconds``, a stopped trial's up to its last epoch), the best
@@ -24,21 +24,22 @@ import time
 import ray
 from search_overhead import configurations  # same directory: the same seeded draws
 
-from newllm import results, search
-from newllm.config import data_config_from_args
-from newllm.data import prepare_data
+from newllm import experiment
+from newllm.data import DataConfig, prepare_data
+from newllm.search import algorithms
 from newllm.space import load_space, resolve_space
 
 
 def run(space_name: str, space, data, configs: list[dict], scheduler: str, slots: int, root: str) -> dict:
     name = f"{scheduler}-{time.monotonic_ns()}"
-    args = search.parse_args(["--space", space_name, "--name", name, "--storage-path", root, "--scheduler", scheduler])
+    run_ = algorithms.SearchRun(name=name, storage_root=root, space=space, data=data, num_trials=len(configs),
+                                concurrency=slots, scheduler=scheduler, points=tuple(configs))
     ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
-    search.run_search(args, space, data, len(configs), slots, f"{root}/{name}", points=configs)
+    algorithms.run_search(run_)
     fit_s = time.perf_counter() - t0
     ray.shutdown()
-    trials, _ = results.load(f"{root}/{name}")
+    trials, _ = experiment.load(f"{root}/{name}")
     passed = trials[trials.status == "passed"]
     return {"phase2_s": float(trials.phase2_seconds.sum()), "best_val_ppl": float(passed.val_ppl.min()),
             "passed": len(passed), "stopped": int((trials.phase2_stop_reason == "scheduler").sum()),
@@ -54,9 +55,9 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     space = load_space(resolve_space(args.space))
-    data = prepare_data(data_config_from_args(search.parse_args([]), base=space.data))
+    data = prepare_data(DataConfig(**space.data))
     print(f"{args.trials} configurations of {space.path} per seed, seeds {args.seeds}, {args.slots} slots; "
-          f"ASHA: grace {search.ASHA_GRACE_EPOCHS} epoch, reduction factor {search.ASHA_REDUCTION}", flush=True)
+          f"ASHA: grace {algorithms.ASHA_GRACE_EPOCHS} epoch, reduction factor {algorithms.ASHA_REDUCTION}", flush=True)
 
     rows = []
     with tempfile.TemporaryDirectory() as root:

@@ -23,11 +23,12 @@ from pathlib import Path
 import ray
 import yaml
 
-from newllm import results, search
+from newllm import experiment
 from newllm.checkpoint import load_model
 from newllm.data import DataConfig, prepare_data
 from newllm.phase2 import stream_metrics
-from newllm.space import load_space
+from newllm.search import cli
+from newllm.space import load_space, resolve_space
 
 
 def run_mode(space_file: str, freeze: bool, seed: int, out: Path) -> tuple[str, str]:
@@ -38,7 +39,7 @@ def run_mode(space_file: str, freeze: bool, seed: int, out: Path) -> tuple[str, 
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     try:
-        assert search.main(["--local", "--space", str(path), "--name", name, "--storage-path", str(out / "res"),
+        assert cli.main(["--local", "--space", str(path), "--name", name, "--storage-path", str(out / "res"),
                             "--seed", str(seed), "--scheduler", "none"]) == 0  # every trial to its own end
     finally:
         ray.shutdown()
@@ -57,9 +58,9 @@ def main() -> None:
     rows = []
     for freeze in (False, True):
         mode = "freeze_context" if freeze else "default"
-        directory, space_file = run_mode(search.resolve_space(args.space), freeze, args.seed, out)
+        directory, space_file = run_mode(resolve_space(args.space), freeze, args.seed, out)
         data = prepare_data(DataConfig(**load_space(space_file).data))
-        trials, _ = results.load(directory)
+        trials, _ = experiment.load(directory)
         errors, reals = [], []
         for row in trials.sort_values("trial_id").itertuples():
             real = None

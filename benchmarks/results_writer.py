@@ -1,6 +1,6 @@
 """Results writer: does a flush cost the same late in a long search as early on?
 
-Drives ``newllm.results.ParquetResults`` directly, without Ray: fake trials, ``--concurrency`` at
+Drives ``newllm.search.callbacks.ParquetResults`` directly, without Ray: fake trials, ``--concurrency`` at
 once, each reporting 40 rows as a real trial does (30 Phase 1 passes, the analysis row with a
 checkpoint, 8 Phase 2 epochs, the final row with a checkpoint) with Tune's own result keys, and
 finishing as it goes. Times every flush (a callback call that wrote a file: pending iteration
@@ -34,7 +34,8 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from unittest import mock
 
-from newllm import results
+from newllm import experiment
+from newllm.search import callbacks
 
 METRICS = [f"metric_{i}" for i in range(15)]
 OLD_REVISION = "fc9529d"  # the last commit with the whole-table writer
@@ -144,13 +145,13 @@ def main() -> None:
         new = drive(results, exp, args.trials, args.concurrency, new_api=True)
         files_before = files_in(exp)
         t = time.perf_counter()
-        trials_before, iterations_before = results.load(exp)
+        trials_before, iterations_before = experiment.load(exp)
         load_before = time.perf_counter() - t
         t = time.perf_counter()
         new["cb"].on_experiment_end([SimpleNamespace(trial_id=f"t{i:05d}") for i in range(args.trials)])
         compaction = time.perf_counter() - t
         t = time.perf_counter()
-        trials, iterations = results.load(exp)
+        trials, iterations = experiment.load(exp)
         load_after = time.perf_counter() - t
         assert len(trials) == args.trials and len(iterations) == 40 * args.trials
         assert trials.equals(trials_before) and iterations.equals(iterations_before)

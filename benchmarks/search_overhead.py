@@ -5,12 +5,12 @@ Both sides run the same N configurations (drawn once from the space by a seeded 
 the study gets them enqueued, so no sampler chooses) with the same data, on as
 many slots as cores, one torch thread each:
 
-- **search**: ``newllm.search.run_search`` on a local Ray, as the command runs it (the Optuna
+- **search**: ``newllm.search.algorithms.run_search`` on a local Ray, as the command runs it (the Optuna
   study in its journal file, the checkpoints pruned at the end), without a scheduler; only
   ``run_search`` is timed (Ray's start and stop are reported apart), the end-of-search summary
   and report are not run;
 - **pool**: ``slots`` worker processes started (and torch imported) before the clock starts,
-  the data sent once to each, running ``newllm.run.train`` and saving the model as a trial does.
+  the data sent once to each, running ``newllm.run.train_run`` and saving the model as a trial does.
 
 Rounds alternate the two sides; the ratio reported is the median over rounds of search / pool.
 
@@ -35,13 +35,12 @@ import optuna
 import ray
 import torch
 
-from newllm import search
 from newllm.checkpoint import save_model
-from newllm.config import data_config_from_args
-from newllm.data import TokenData, prepare_data
-from newllm.run import build_model, train
+from newllm.data import DataConfig, TokenData, prepare_data
+from newllm.run import build_model, train_run
+from newllm.search.algorithms import SearchRun, run_search
+from newllm.search.storage import optuna_storage
 from newllm.space import SearchSpace, load_space, resolve_space
-from newllm.storage import optuna_storage
 
 _worker: dict = {}
 
@@ -63,7 +62,7 @@ def _trial(config: dict) -> float:
     space, data = _worker["space"], _worker["data"]
     cfg = space.trial_config(config)
     model = build_model(cfg, data.vocab_size)
-    result = train(cfg, data, model)
+    result = train_run(cfg, data, model)
     with tempfile.TemporaryDirectory() as d:
         save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=result.summary())
     return result.objective
@@ -79,15 +78,15 @@ def run_tuner(args, space: SearchSpace, data: TokenData, configs: list[dict], sl
               root: str, round_: int) -> tuple[float, float, float]:
     """(Ray start, Tuner.fit, Ray stop) seconds of one search over ``configs``."""
     # no scheduler: both sides run every trial to its own end
-    argv = ["--space", args.space, "--name", f"round{round_}", "--storage-path", root, "--scheduler", "none"]
-    search_args = search.parse_args(argv)
+    name = f"round{round_}"
+    # as the command runs it: the Optuna study in its journal, the checkpoints pruned at the end
+    run = SearchRun(name=name, storage_root=root, space=space, data=data, num_trials=len(configs), concurrency=slots,
+                    scheduler="none", optuna_storage=optuna_storage(None, name, f"{root}/{name}"),
+                    points=tuple(configs))
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
     t1 = time.perf_counter()
-    exp_dir = f"{root}/round{round_}"
-    # as the command runs it: the Optuna study in its journal, the checkpoints pruned at the end
-    search.run_search(search_args, space, data, len(configs), slots, exp_dir, points=configs,
-                      storage=optuna_storage(None, search_args.name, exp_dir))
+    run_search(run)
     t2 = time.perf_counter()
     ray.shutdown()
     return t1 - t0, t2 - t1, time.perf_counter() - t2
@@ -105,8 +104,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     space = load_space(resolve_space(args.space))
-    data_args = search.parse_args(["--num-samples", str(args.num_samples)] if args.num_samples else [])
-    data = prepare_data(data_config_from_args(data_args, base=space.data))
+    data = prepare_data(DataConfig(**{**space.data, **({"num_samples": args.num_samples} if args.num_samples else {})}))
     configs = configurations(space, args.trials, args.seed)
     print(f"{args.trials} configurations of {space.path} on {args.slots} slots, "
           f"{len(data.train_ids):,} train tokens; {args.rounds} rounds", flush=True)

@@ -1,6 +1,6 @@
 """``python -m newllm.analyze <experiment dir>``: what a search found, as one HTML report.
 
-Reads the experiment's ``trials.parquet`` and ``iterations.parquet`` (``newllm.results.load``),
+Reads the experiment's ``trials.parquet`` and ``iterations.parquet`` (``newllm.experiment.load``),
 finished or still running (what has landed so far), and writes ``report.html`` (to ``--out``,
 by default the experiment directory): the figures of ``newllm.figures``, each with a caption,
 and the top trials with their configurations. Baseline trials (LSTM, GRU, transformer, in the
@@ -35,10 +35,9 @@ from plotly.offline import get_plotlyjs
 from newllm import figures
 from newllm.floors import floors_line, recorded_floors
 from newllm.checks import check_writable_dir, path_arg
-from newllm.results import load, write_file
+from newllm.experiment import REPORT_FILE, load, write_file
 from newllm.space import recorded_distributions
 
-REPORT_FILE = "report.html"
 
 
 class ExperimentError(ValueError):

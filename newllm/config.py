@@ -24,6 +24,7 @@ from newllm.model import ARCHITECTURES, ModelConfig, NewLLM
 BaselineArchitecture = Literal["lstm", "gru", "transformer"]
 BASELINE_ARCHITECTURES: tuple[str, ...] = get_args(BaselineArchitecture)
 Family = Literal["newllm", "baseline"]
+NEWLLM: Family = "newllm"
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 PHASE1_MODES = ("exact", "jacobi")
@@ -35,7 +36,7 @@ def _f(default, help: str, family: Family | None = None, **extra):
 
 
 def _n(default, help: str, **extra):
-    return _f(default, help, "newllm", **extra)
+    return _f(default, help, NEWLLM, **extra)
 
 
 def _b(default, help: str, **extra):
@@ -127,7 +128,7 @@ class TrainConfig:
 
     @property
     def family(self) -> Family:
-        return "baseline" if self.architecture in BASELINE_ARCHITECTURES else "newllm"
+        return "baseline" if self.architecture in BASELINE_ARCHITECTURES else NEWLLM
 
     def ignored(self) -> list[str]:
         """The settings this run ignores: those that differ from their defaults but mean

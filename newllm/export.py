@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from newllm.checkpoint import MODEL_FILE
 from newllm.checks import check_new_out, path_arg
-from newllm.results import best_newllm_trial, load
+from newllm.experiment import best_newllm_trial, load
 
 # the columns of the trials table that picking and exporting a trial read
 TRIAL_COLUMNS = ("trial_id", "status", "objective", "val_ppl", "checkpoint_path")
@@ -88,9 +88,9 @@ def find_checkpoint(row: pd.Series, experiment: Path) -> Path:
         raise FileNotFoundError(f"trial {row.trial_id} ({row.status}) has no checkpoint")
     where = f"the checkpoint of trial {row.trial_id}, {stored!r}"
     if Path(stored).is_absolute():
-        raise FileNotFoundError(f"{where}, is an absolute path, which this newllm does not read: it stores paths "
-                                f"relative to the experiment directory (for an experiment of an earlier newllm, "
-                                f"export the checkpoint from Python: newllm.hf.export_checkpoint(path, out))")
+        raise FileNotFoundError(f"{where}, is an absolute path, where a search stores it relative to the "
+                                f"experiment directory: a damaged trials table? (export a checkpoint directory "
+                                f"from Python with newllm.hf.export_checkpoint(path, out))")
     checkpoint = experiment / stored
     if not checkpoint.resolve().is_relative_to(experiment.resolve()):
         raise FileNotFoundError(f"{where}, leads outside the experiment directory {str(experiment)!r}: a damaged "

@@ -1,5 +1,5 @@
 """The figures of a search's report: pure functions from its trials and iterations tables
-(``newllm.results.load``) to plotly figures.
+(``newllm.experiment.load``) to plotly figures.
 
 The numbers a figure shows come from a small pure function beside it (``history``,
 ``pareto_front``, ``gate_table``, ``curves``, ``gate_saving``, ...), so tests check them without
@@ -31,7 +31,7 @@ from optuna.importance import PedAnovaImportanceEvaluator
 from plotly.subplots import make_subplots
 
 from newllm.config import field_types
-from newllm.results import baseline_trials, best_newllm_trial, is_baseline, newllm_trials, status_is
+from newllm.experiment import baseline_trials, best_newllm_trial, is_baseline, newllm_trials, status_is
 
 STATUS_COLORS = {"passed": "#2ca02c", "gate_failed": "#ff7f0e", "diverged": "#d62728", "error": "#7f7f7f",
                  "running": "#1f77b4"}

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from newllm.experiment import FLOORS_FILE, damaged, recorded_json, write_file
+
 # pseudo-count per vocabulary entry: fixed, never fitted (fitting it on val would flatter the floor)
 UNIGRAM_K = 1.0
 BIGRAM_K = 0.1
@@ -86,10 +88,6 @@ def bigram_ppl(train_ids: torch.Tensor | Sequence[int], val_ids: torch.Tensor | 
     return _perplexity(probs.log())
 
 
-# what an experiment directory keeps of the floors of its data (the search writes it when it starts)
-FLOORS_FILE = "floors.json"
-
-
 def floors(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int) -> dict:
     """The floors of a data split: ``unigram_ppl`` and ``bigram_ppl`` on its val tokens, with
     their pseudo-counts."""
@@ -99,16 +97,12 @@ def floors(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int) -> d
 
 def record_floors(experiment: str, values: dict) -> None:
     """Keep ``floors`` of the search's data in the experiment directory, for the report."""
-    from newllm.results import write_file
-
     write_file(f"{experiment}/{FLOORS_FILE}", json.dumps(values, indent=1).encode())
 
 
 def recorded_floors(experiment: str) -> dict | None:
     """The floors kept in the experiment directory; None for an experiment without them.
     ValueError naming the file if it is not what ``record_floors`` writes."""
-    from newllm.space import damaged, recorded_json
-
     path = f"{experiment}/{FLOORS_FILE}"
     without = "the floors are then left out"
     values = recorded_json(path, without)

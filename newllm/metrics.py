@@ -62,7 +62,7 @@ class FixedPointAnalysis:
         return asdict(self)
 
 
-def analyse_fixed_points(contexts: torch.Tensor, num_pairs: int = 1000, seed: int = 0) -> FixedPointAnalysis:
+def fixed_point_analysis(contexts: torch.Tensor, num_pairs: int = 1000, seed: int = 0) -> FixedPointAnalysis:
     """The seed's fixed-point analysis of ``contexts`` [N, C]."""
     x = contexts.detach().float().cpu()
     n, dim = x.shape

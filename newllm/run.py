@@ -28,7 +28,7 @@ import torch
 from newllm.baselines import BaselineLM, baseline_stream_metrics, build_baseline, train_baseline
 from newllm.config import TrainConfig
 from newllm.data import TokenData
-from newllm.metrics import FixedPointAnalysis, GateResult, analyse_fixed_points, gate
+from newllm.metrics import FixedPointAnalysis, GateResult, fixed_point_analysis, gate
 from newllm.model import NewLLM
 from newllm.phase1 import PassRecord, Phase1Result, fixed_contexts, train_phase1
 from newllm.phase2 import EpochEnd, EpochRecord, Phase2Result, Phase2State, perplexity, stream_metrics, train_phase2
@@ -253,7 +253,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: str = "cpu") -> Model
     return NewLLM(cfg.model_config(vocab_size)).to(device)
 
 
-def train(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | None = None,
+def train_run(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | None = None,
           on_pass: Callable[[PassRecord], None] | None = None,
           on_gate: Callable[[TrainResult], None] | None = None,
           on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
@@ -284,8 +284,8 @@ def train(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | N
         val_fixed = fixed_contexts(model, val_ids, cfg)
         if not (torch.isfinite(train_fixed.contexts).all() and torch.isfinite(val_fixed.contexts).all()):
             return result
-        result.train_analysis = analyse_fixed_points(train_fixed.contexts, seed=cfg.seed)
-        result.val_analysis = analyse_fixed_points(val_fixed.contexts, seed=cfg.seed)
+        result.train_analysis = fixed_point_analysis(train_fixed.contexts, seed=cfg.seed)
+        result.val_analysis = fixed_point_analysis(val_fixed.contexts, seed=cfg.seed)
         result.fixed_passes, result.val_fixed_passes = train_fixed.passes, val_fixed.passes
         result.val_converged_ratio = val_fixed.converged_ratio
         result.gate = gate(result.train_analysis, result.val_analysis, cfg.gate_train_er, cfg.gate_val_er)
@@ -305,7 +305,7 @@ def train(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume | N
         t0 = time.perf_counter()
         final = fixed_contexts(model, train_ids, cfg)
         if torch.isfinite(final.contexts).all():
-            result.final_analysis = analyse_fixed_points(final.contexts, seed=cfg.seed)
+            result.final_analysis = fixed_point_analysis(final.contexts, seed=cfg.seed)
             result.final_converged_ratio = final.converged_ratio
         result.seconds["final_analysis"] = time.perf_counter() - t0
     return result

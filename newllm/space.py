@@ -54,6 +54,7 @@ from newllm.baselines import size_for
 from newllm.checks import INT_MAX, number_problem
 from newllm.config import BASELINE_ARCHITECTURES, TrainConfig, family_fields, field_types, setting_problem
 from newllm.data import DataConfig
+from newllm.experiment import DISTRIBUTIONS_FILE, SPACE_FILE, damaged, recorded_json, recorded_text, write_file
 
 OBJECTIVES = {"val_ppl": "objective", "num_params": "num_params"}
 TOP_KEYS = {"num_trials", "repeats", "objectives", "params", "fixed", "data", "baselines", "points"}
@@ -75,8 +76,6 @@ MAX_CORNERS = 4096
 BUILTIN_SPACES = "newllm.search_spaces"
 # what an experiment directory keeps of its space: the space as loaded (after the command line's
 # seed and data options), and its searched distributions in Optuna's JSON form
-SPACE_FILE = "space.yaml"
-DISTRIBUTIONS_FILE = "distributions.json"
 
 
 class SpaceError(ValueError):
@@ -457,48 +456,14 @@ def parse_baselines(raw, where: str, types: dict[str, type]) -> Baselines:
 def record_space(experiment: str, space: SearchSpace) -> None:
     """Keep ``space`` in the experiment directory, so that ``--resume`` and the analysis never
     depend on the space file's current copy."""
-    from newllm.results import write_file
-
     header = f"# the search space of this experiment, as loaded from {space.path}\n"
     write_file(f"{experiment}/{SPACE_FILE}", (header + space.to_yaml()).encode())
     distributions = {name: json.loads(od.distribution_to_json(d)) for name, d in space.params.items()}
     write_file(f"{experiment}/{DISTRIBUTIONS_FILE}", json.dumps(distributions, indent=1).encode())
 
 
-def recorded_text(path: str, without: str) -> str | None:
-    """The text of a file an experiment directory keeps (``space.yaml``, ``distributions.json``,
-    ``floors.json``), None if there is none; ValueError naming it if it cannot be read.
-    ``without`` says what happens if it is deleted, for the message."""
-    from newllm.results import read_file
-
-    try:
-        data = read_file(path)
-        return None if data is None else data.decode("utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(damaged(path, f"not UTF-8 text ({e.reason} at byte {e.start})", without)) from e
-
-
-def recorded_json(path: str, without: str):
-    """The JSON value of a file an experiment directory keeps (``recorded_text``), None if there
-    is none; ValueError naming it if it is not valid JSON."""
-    text = recorded_text(path, without)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(damaged(path, f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", without)) from e
-
-
-def damaged(path: str, problem: str, without: str) -> str:
-    """The message for a file an experiment keeps that is damaged, cut off or edited by hand."""
-    return f"{path} is {problem}: restore it from a copy, or delete it ({without})"
-
-
 def recorded_space(experiment: str) -> SearchSpace | None:
-    """The space kept in the experiment directory; None for an experiment of an earlier newllm.
+    """The space kept in the experiment directory; None if there is none (no search started there).
     SpaceError naming the file if it cannot be read or is not a valid space."""
     path = f"{experiment}/{SPACE_FILE}"
     try:

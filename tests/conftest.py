@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import pytest
 
 if TYPE_CHECKING:
@@ -86,6 +87,13 @@ data:
 """
 
 
+def write_table(frame: pd.DataFrame, table: Path) -> None:
+    """``frame`` as the one part file of the experiment table directory ``table`` (as a search
+    leaves it)."""
+    table.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(table / "part-000001.parquet", index=False)
+
+
 def tiny_space_text(extra: str = "") -> str:
     """TINY_SPACE with ``extra`` fixed settings (YAML lines), which replace those of the same name
     (a key given twice is refused)."""
@@ -120,7 +128,7 @@ def tiny_search(tmp_path_factory) -> TinySearch:
     that change the experiment must copy it first."""
     import ray
 
-    from newllm import search
+    from newllm.search import cli
     from newllm.data import DataConfig, prepare_data
     from newllm.space import load_space
 
@@ -130,7 +138,7 @@ def tiny_search(tmp_path_factory) -> TinySearch:
     saved = {"NEWLLM_CACHE": os.environ.get("NEWLLM_CACHE")}
     os.environ["NEWLLM_CACHE"] = str(root / "cache")
     try:
-        code = search.main(["--local", "--space", str(space), "--name", "tiny", "--storage-path", str(root / "res")])
+        code = cli.main(["--local", "--space", str(space), "--name", "tiny", "--storage-path", str(root / "res")])
         assert code == 0
         data = prepare_data(DataConfig(**load_space(space).data))
     finally:

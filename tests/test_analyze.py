@@ -17,7 +17,7 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from newllm import analyze, figures
-from newllm.results import load
+from newllm.experiment import load
 
 PENALTY = {"gate_failed": 1.5e6, "diverged": 1e7}
 

@@ -17,7 +17,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from newllm import results, search, storage
+from newllm import experiment
+from newllm.search import storage
 
 GATE_OPEN = "gate_train_er: 0.0\n  gate_val_er: 0.0"  # every trial that does not diverge runs Phase 2
 
@@ -30,7 +31,7 @@ def search_args(space: str, storage: Path, name: str, *extra: str) -> list[str]:
 def assert_raw_rows_unique(trials: pd.DataFrame, iterations: pd.DataFrame, num_trials: int) -> None:
     """Every trial landed exactly once and no reported row was written twice (raw rows)."""
     assert len(trials) == num_trials and trials.trial_id.is_unique
-    assert not iterations.duplicated(results.ITERATION_KEY).any()
+    assert not iterations.duplicated(experiment.ITERATION_KEY).any()
     assert set(iterations.trial_id) <= set(trials.trial_id)
 
 
@@ -49,7 +50,7 @@ def test_job_submit_runs_trials_on_both_worker_nodes(ray_cluster, tiny_space, tm
             break
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
     assert "warning: --storage-path" in job.stdout  # a local path on a 3-node cluster: warned, not refused
-    trials, iterations = results.load(storage / "job")
+    trials, iterations = experiment.load(storage / "job")
     assert_raw_rows_unique(trials, iterations, 4)
     assert set(trials.status) <= {"passed", "diverged"}
     workers = {node.node_id for node in ray_cluster.workers}
@@ -70,7 +71,7 @@ def phase2_trial(directory: Path, driver: subprocess.Popen, timeout: float) -> p
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and driver.poll() is None:
         try:
-            _, rows = results.load(directory)
+            _, rows = experiment.load(directory)
         except FileNotFoundError:  # nothing written yet
             rows = pd.DataFrame()
         if "gate_passed" in rows:  # an analysis row has landed
@@ -100,7 +101,7 @@ def test_lost_node_trial_retries_from_its_phase1_checkpoint(ray_cluster, tiny_sp
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out[-3000:]
-    trials, iterations = results.load(storage / "loss")
+    trials, iterations = experiment.load(storage / "loss")
     assert_raw_rows_unique(trials, iterations, 3)
     phase1_attempts = iterations[iterations.phase == "phase1"].groupby("trial_id").attempt.nunique()
     assert (phase1_attempts == 1).all(), "a trial ran Phase 1 in two attempts"
@@ -167,11 +168,11 @@ def test_sigkilled_driver_resumes_with_every_trial_once(tiny_space, tmp_path):
             assert_no_ray_left(ray_tmp)
         done = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        trials, iterations = results.load(tmp_path / "res" / "k")
+        trials, iterations = experiment.load(tmp_path / "res" / "k")
         assert_raw_rows_unique(trials, iterations, 4)
         assert (trials.status != "error").all()
         # the Optuna study: nothing left RUNNING by the killed drivers, every trial's result once
-        journal = tmp_path / "res" / "k" / storage.OPTUNA_JOURNAL
+        journal = tmp_path / "res" / "k" / experiment.OPTUNA_JOURNAL
         study = optuna.load_study(study_name="k", storage=optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(journal))))
         states = [t.state for t in study.trials]

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY_SPACE
 
-from newllm import results
+from newllm import experiment
 from newllm.baselines import baseline_stream_metrics
 from newllm.checkpoint import load_model, save_model
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, prepare_data
-from newllm.run import SUMMARY_DTYPES, build_model, train
+from newllm.run import SUMMARY_DTYPES, build_model, train_run
 from newllm.space import MATCHED, Baselines, SpaceError, load_space, parse_space, resolve_space
 
 # the tiny space of the search tests, its gate open, with a point and baselines
@@ -105,7 +105,7 @@ def test_a_baseline_run_has_the_summary_columns_with_phase1_null_and_measures_it
                       phase2_epochs=2, phase2_batch_size=64)
     model = build_model(cfg, tiny_data.vocab_size)
     epochs = []
-    result = train(cfg, tiny_data, model, on_pass=pytest.fail, on_gate=pytest.fail, on_epoch=epochs.append)
+    result = train_run(cfg, tiny_data, model, on_pass=pytest.fail, on_gate=pytest.fail, on_epoch=epochs.append)
     summary = result.summary()
     assert summary.keys() == SUMMARY_DTYPES.keys()
     assert summary["family"] == "baseline" and summary["status"] == "passed"
@@ -125,7 +125,7 @@ def test_a_baseline_run_has_the_summary_columns_with_phase1_null_and_measures_it
 def test_asha_compares_a_trial_only_with_trials_of_its_own_kind():
     from ray.tune.schedulers import TrialScheduler
 
-    from newllm.search import scheduler
+    from newllm.search.algorithms import scheduler
 
     space = parse_space(COMPARE_SPACE, "s.yaml")
     asha = scheduler("asha", space)
@@ -155,17 +155,17 @@ def test_points_must_name_searched_parameters_inside_their_ranges():
 def test_the_search_takes_turns_and_picks_up_where_it_was_saved(tmp_path):
     import optuna
 
-    from newllm.search import NEWLLM, FamilySearch, StudySearch, study_names
+    from newllm.search.algorithms import NEWLLM, KindSearch, StudySearch, study_names
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_space(COMPARE_SPACE, "s.yaml")
 
-    def family_search() -> FamilySearch:
+    def family_search() -> KindSearch:
         searchers = {k: StudySearch(space=space.params if k == NEWLLM else space.baselines.params,
                                     metric="objective", mode="min", study_name=name,
                                     sampler=optuna.samplers.RandomSampler(seed=0))
                      for k, name in study_names("s", space).items()}
-        return FamilySearch(searchers, space, 300, "objective", "min")
+        return KindSearch(searchers, space, 300, "objective", "min")
 
     searcher = family_search()
     configs = [searcher.suggest(f"t{i}") for i in range(4)]
@@ -189,7 +189,7 @@ def test_the_search_takes_turns_and_picks_up_where_it_was_saved(tmp_path):
 def compare_search(tmp_path_factory):
     import ray
 
-    from newllm import search
+    from newllm.search import cli
 
     root = tmp_path_factory.mktemp("compare")
     space = root / "compare.yaml"
@@ -197,7 +197,7 @@ def compare_search(tmp_path_factory):
     saved = os.environ.get("NEWLLM_CACHE")
     os.environ["NEWLLM_CACHE"] = str(root / "cache")
     try:
-        assert search.main(["--local", "--space", str(space), "--name", "cmp", "--storage-path",
+        assert cli.main(["--local", "--space", str(space), "--name", "cmp", "--storage-path",
                             str(root / "res"), "--scheduler", "none", "--num-trials", "1"]) == 0
         data = prepare_data(DataConfig(**load_space(space).data))
     finally:
@@ -211,7 +211,7 @@ def compare_search(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_comparison_search_has_a_trial_of_every_family_in_one_table(compare_search):
-    from newllm.results import load
+    from newllm.experiment import load
 
     trials, iterations = load(compare_search.directory)
     assert sorted(trials.architecture) == ["gru", "lstm", "residual", "transformer"]
@@ -232,7 +232,7 @@ def test_a_comparison_search_has_a_trial_of_every_family_in_one_table(compare_se
     assert set(rows.phase) == {"phase2", "final"}
     # each baseline's checkpoint is the model its row measures
     for row in baselines.itertuples():
-        model, _ = load_model(results.checkpoint_dir(compare_search.directory, row.checkpoint_path))
+        model, _ = load_model(experiment.checkpoint_dir(compare_search.directory, row.checkpoint_path))
         val = baseline_stream_metrics(model, compare_search.data.val_ids)[0]
         assert math.exp(val) == pytest.approx(row.val_ppl, rel=1e-6)
 
@@ -241,8 +241,8 @@ def test_a_comparison_search_has_a_trial_of_every_family_in_one_table(compare_se
 def test_each_kind_has_its_own_optuna_study(compare_search):
     import optuna
 
-    from newllm.results import load
-    from newllm.search import open_storage
+    from newllm.experiment import load
+    from newllm.search.storage import open_storage
 
     trials, _ = load(compare_search.directory)
     storage = open_storage(str(compare_search.directory / "optuna.journal"))
@@ -258,7 +258,7 @@ def test_each_kind_has_its_own_optuna_study(compare_search):
 @pytest.mark.slow
 def test_export_refuses_a_baseline_trial(compare_search, tmp_path, capsys):
     from newllm import export
-    from newllm.results import load
+    from newllm.experiment import load
 
     trials, _ = load(compare_search.directory)
     lstm = trials[trials.architecture == "lstm"].iloc[0]

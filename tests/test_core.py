@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from newllm import train as train_cli
+from newllm import train
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, load_documents, prepare_data
-from newllm.metrics import analyse_fixed_points, effective_rank, gate, singular_values
+from newllm.metrics import fixed_point_analysis, effective_rank, gate, singular_values
 from newllm.model import ModelConfig, NewLLM
 
 TINY = ["--context-dim", "8", "--embed-dim", "8", "--hidden-dim", "16", "--num-layers", "1",
@@ -91,15 +91,15 @@ def test_effective_rank_of_known_matrices():
 
 def test_analysis_flags_global_attractor_and_zero_solution():
     same = torch.ones(200, 8) * 0.01
-    a = analyse_fixed_points(same)
+    a = fixed_point_analysis(same)
     assert a.global_attractor and a.zero_solution and a.effective_rank == pytest.approx(1.0)
-    diverse = analyse_fixed_points(torch.randn(500, 8))
+    diverse = fixed_point_analysis(torch.randn(500, 8))
     assert not diverse.global_attractor and not diverse.zero_solution
     assert diverse.effective_rank_fraction > 0.8
 
 
 def test_gate_passes_and_fails_on_constructed_contexts():
-    diverse, collapsed = analyse_fixed_points(torch.randn(400, 16)), analyse_fixed_points(torch.ones(400, 16))
+    diverse, collapsed = fixed_point_analysis(torch.randn(400, 16)), fixed_point_analysis(torch.ones(400, 16))
     assert gate(diverse, diverse, 0.2, 0.08).passed
     failed = gate(collapsed, diverse, 0.2, 0.08)
     assert not failed.passed and "train ER" in failed.reason and "val ER" not in failed.reason
@@ -177,7 +177,7 @@ def test_cli_bad_data_path_and_bad_dims_exit_2(tmp_path):
 def test_cli_same_seed_same_numbers(tmp_path):
     summaries = []
     for name in ("a", "b"):  # a gate every run passes, so that Phase 2 is compared too
-        assert train_cli.main([*TINY, "--threads", "1", "--gate-train-er", "0", "--gate-val-er", "0",
+        assert train.main([*TINY, "--threads", "1", "--gate-train-er", "0", "--gate-val-er", "0",
                                "--out", str(tmp_path / name)]) == 0
         s = json.loads((tmp_path / name / "summary.json").read_text())
         summaries.append(s)

@@ -19,9 +19,11 @@ from types import SimpleNamespace
 import optuna
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import free_port, write_table
 
-from newllm import analyze, export, lock, results, search, storage, train
+from newllm import analyze, export, train
+from newllm import experiment as exp
+from newllm.search import callbacks, cli, lock, storage
 from newllm.checkpoint import MODEL_FILE, TOKENIZER_FILE, save_model
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, builtin_documents, train_tokenizer
@@ -330,7 +332,7 @@ def trials_dir(tmp_path, tokenizer_json) -> Path:
 
 def write_trials(experiment: Path, checkpoint_path: str) -> None:
     pd.DataFrame({"trial_id": ["a"], "status": ["passed"], "objective": [10.0], "val_ppl": [10.0],
-                  "checkpoint_path": [checkpoint_path]}).to_parquet(experiment / "trials.parquet")
+                  "checkpoint_path": [checkpoint_path]}).pipe(write_table, experiment / "trials.parquet")
 
 
 @pytest.mark.parametrize("where, problem", [
@@ -390,16 +392,17 @@ def test_export_of_a_damaged_checkpoint_writes_nothing(trials_dir, tmp_path, cap
 
 
 @pytest.mark.parametrize("table, problem", [
-    (b"not parquet", "{exp}/trials.parquet is not a readable Parquet file"),
+    (b"not parquet", "{exp}/trials.parquet/part-000001.parquet is not a readable Parquet file"),
     (pd.DataFrame({"trial_id": ["a"], "status": ["passed"]}),
      "the trials table in '{exp}' lacks the columns ['objective', 'val_ppl', 'checkpoint_path']"),
 ])
 def test_export_refuses_a_damaged_trials_table(trials_dir, tmp_path, capsys, table, problem):
-    (trials_dir / "trials.parquet").unlink()
+    shutil.rmtree(trials_dir / "trials.parquet")
     if isinstance(table, bytes):
-        (trials_dir / "trials.parquet").write_bytes(table)
+        (trials_dir / "trials.parquet").mkdir()
+        (trials_dir / "trials.parquet" / "part-000001.parquet").write_bytes(table)
     else:
-        table.to_parquet(trials_dir / "trials.parquet")
+        write_table(table, trials_dir / "trials.parquet")
     assert export.main([str(trials_dir), "--best", "--out", str(tmp_path / "hf")]) == 2
     assert_one_error(capsys.readouterr().err, problem.format(exp=trials_dir))
     assert not (tmp_path / "hf").exists()
@@ -410,8 +413,9 @@ def test_export_refuses_empty_paths(trials_dir, tmp_path, capsys):
     assert_one_error(capsys.readouterr().err, "--out must not be empty")
     assert export.main(["", "--best", "--out", str(tmp_path / "hf")]) == 2
     assert_one_error(capsys.readouterr().err, "the experiment directory must not be empty")
-    assert export.main([str(trials_dir / "trials.parquet"), "--best", "--out", str(tmp_path / "hf")]) == 2
-    assert_one_error(capsys.readouterr().err, "trials.parquet' is a file: give the directory of a search")
+    part = trials_dir / "trials.parquet" / "part-000001.parquet"
+    assert export.main([str(part), "--best", "--out", str(tmp_path / "hf")]) == 2
+    assert_one_error(capsys.readouterr().err, "part-000001.parquet' is a file: give the directory of a search")
     assert not (tmp_path / "hf").exists()
 
 
@@ -491,11 +495,11 @@ def driver(tmp_path):
 
 def study_of(experiment: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(experiment / storage.OPTUNA_JOURNAL))))
+        optuna.storages.journal.JournalFileBackend(str(experiment / exp.OPTUNA_JOURNAL))))
 
 
 def assert_study_matches_table(experiment: Path, name: str) -> None:
-    trials, iterations = results.load(experiment)
+    trials, iterations = exp.load(experiment)
     assert trials.trial_id.is_unique and (trials.status == "passed").all()
     assert set(iterations.trial_id) == set(trials.trial_id)  # every landed trial kept its rows
     complete = [t.value for t in study_of(experiment, name).trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -523,21 +527,21 @@ def test_two_drivers_at_once_one_runs_and_a_killed_holders_cut_journal_resumes(t
             d.wait()
     experiment = tmp_path / "res" / "two"
     # a driver killed mid-write leaves the journal's last record cut off
-    journal = experiment / storage.OPTUNA_JOURNAL
+    journal = experiment / exp.OPTUNA_JOURNAL
     cut = journal.read_bytes()[:-9]
     journal.write_bytes(cut)
     done = driver.run("--resume", "--name", "two", "--storage-path", str(tmp_path / "res"), "--local")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    aside = list(experiment.glob(f"{storage.OPTUNA_JOURNAL}.partial-*"))
+    aside = list(experiment.glob(f"{exp.OPTUNA_JOURNAL}.partial-*"))
     assert len(aside) == 1 and f"kept in {aside[0]}" in done.stdout
     assert cut.endswith(aside[0].read_bytes())  # the cut record is set aside, not lost
-    assert len(results.load(experiment)[0]) == 3
+    assert len(exp.load(experiment)[0]) == 3
     assert_study_matches_table(experiment, "two")
 
 
 def test_the_claim_names_its_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from newllm.lock import ExperimentLock; ExperimentLock(sys.argv[1]).acquire(); "
+        "import sys; from newllm.search.lock import ExperimentLock; ExperimentLock(sys.argv[1]).acquire(); "
         "print('held', flush=True); sys.stdin.read()"), str(tmp_path / "exp")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -609,14 +613,14 @@ def test_ctrl_c_stops_cleanly_and_the_copied_experiment_resumes_and_exports_from
     os.killpg(running.pid, signal.SIGINT)  # Ctrl+C reaches the terminal's whole process group
     assert running.wait(timeout=120) == 130
     assert_one_line(running.stderr.read(), "interrupted:", "--resume --name m")
-    assert not (old / "m" / "report.html").exists() and len(results.load(old / "m")[0]) >= 1
+    assert not (old / "m" / "report.html").exists() and len(exp.load(old / "m")[0]) >= 1
     # the interrupted experiment, copied elsewhere, the original deleted
     shutil.copytree(old / "m", new / "m")
     shutil.rmtree(old)
     done = driver.run("--resume", "--name", "m", "--storage-path", str(new), "--local")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not old.exists()  # nothing went to the original's place
-    trials, _ = results.load(new / "m")
+    trials, _ = exp.load(new / "m")
     assert len(trials) == 3 and not trials.checkpoint_path.str.startswith("/").any()
     assert_study_matches_table(new / "m", "m")
     shutil.copytree(new / "m", tmp_path / "again")  # and once more, finished, for the export
@@ -640,7 +644,7 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_resume(tmp_path, tiny_spa
         assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
         line = assert_one_line(r.stderr, "No space left on device", "--resume --name f")
         assert line.startswith("error: ")
-        trials, iterations = results.load(disk / "f")  # what had landed loads
+        trials, iterations = exp.load(disk / "f")  # what had landed loads
         assert trials.empty or set(trials.trial_id) <= set(iterations.trial_id)
         assert not list(disk.rglob("report.html"))  # never half-written
     finally:
@@ -661,31 +665,31 @@ def row(trial, result: dict, node_ids: list[str]) -> dict:
 
 def test_a_rows_write_error_stops_the_search_and_the_resume_lands_the_row(tmp_path, monkeypatch):
     dtypes = {"trial_id": "string", "status": "string", "objective": "float64"}
-    writer = results.ParquetResults(str(tmp_path), row, dtypes)
+    writer = callbacks.ParquetResults(str(tmp_path), row, dtypes)
     writer.setup()
     trial = fake_trial("t1", "TERMINATED")
     full = OSError(28, "No space left on device")
     with monkeypatch.context() as m:
-        m.setattr(results, "write_file", lambda *a: (_ for _ in ()).throw(full))
+        m.setattr(exp, "write_file", lambda *a: (_ for _ in ()).throw(full))
         writer.on_trial_complete(0, [trial], trial)  # Tune would swallow an error raised here
     with pytest.raises(OSError, match="No space"):
         writer.on_step_begin(0, [trial])
     # the resumed search's writer lands the row of the trial that Tune has as finished
-    resumed = results.ParquetResults(str(tmp_path), row, dtypes)
+    resumed = callbacks.ParquetResults(str(tmp_path), row, dtypes)
     resumed.setup()
     resumed.on_step_begin(0, [trial, fake_trial("t2", "RUNNING")])
-    assert list(results.load(tmp_path)[0].trial_id) == ["t1"]
+    assert list(exp.load(tmp_path)[0].trial_id) == ["t1"]
 
 
 def test_the_end_of_search_clean_up_keeps_every_landed_trials_rows(tmp_path):
     dtypes = {"trial_id": "string", "status": "string", "objective": "float64"}
-    writer = results.ParquetResults(str(tmp_path), row, dtypes)
+    writer = callbacks.ParquetResults(str(tmp_path), row, dtypes)
     writer.setup()
     landed = fake_trial("landed", "TERMINATED")
     writer.on_trial_result(0, [], landed, {"phase": "phase1", "step": 1, "iterations_since_restore": 1})
     writer.on_trial_complete(0, [landed], landed)
     writer.on_experiment_end([])  # a Tune that does not know the trial (another driver's, say)
-    trials, iterations = results.load(tmp_path)
+    trials, iterations = exp.load(tmp_path)
     assert list(trials.trial_id) == ["landed"] and list(iterations.trial_id) == ["landed"]
 
 
@@ -710,7 +714,7 @@ def test_bad_search_options_exit_2_and_write_nothing(tmp_path, tiny_space, capsy
     before = snapshot(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     name = [] if "--name" in args else ["--name", "x"]
-    code = search.main(["--local", "--space", space, "--storage-path", str(tmp_path / "res"), *name, *args]
+    code = cli.main(["--local", "--space", space, "--storage-path", str(tmp_path / "res"), *name, *args]
                        if "--storage-path" not in args else ["--local", "--space", space, *name, *args])
     assert code == 2
     assert_one_error(capsys.readouterr().err, *words)
@@ -720,16 +724,16 @@ def test_bad_search_options_exit_2_and_write_nothing(tmp_path, tiny_space, capsy
 def test_a_storage_path_that_is_a_file_or_read_only_is_refused(tmp_path, tiny_space, capsys):
     space = tiny_space()
     (tmp_path / "file").write_text("x")
-    assert search.main(["--space", space, "--name", "x", "--storage-path", str(tmp_path / "file")]) == 2
+    assert cli.main(["--space", space, "--name", "x", "--storage-path", str(tmp_path / "file")]) == 2
     assert_one_error(capsys.readouterr().err, f"--storage-path {tmp_path / 'file'} is a file, not a directory")
-    assert search.main(["--space", space, "--name", "x", "--storage-path", str(tmp_path / "file" / "sub")]) == 2
+    assert cli.main(["--space", space, "--name", "x", "--storage-path", str(tmp_path / "file" / "sub")]) == 2
     assert_one_error(capsys.readouterr().err, f"cannot be created: {str(tmp_path / 'file')!r} is a file")
     ro = tmp_path / "ro"
     ro.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)]).returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        assert search.main(["--space", space, "--name", "x", "--storage-path", str(ro / "res")]) == 2
+        assert cli.main(["--space", space, "--name", "x", "--storage-path", str(ro / "res")]) == 2
         assert_one_error(capsys.readouterr().err, "it is on a read-only file system")
     finally:
         subprocess.run(["umount", str(ro)], check=True)
@@ -738,7 +742,7 @@ def test_a_storage_path_that_is_a_file_or_read_only_is_refused(tmp_path, tiny_sp
 @pytest.mark.slow
 @pytest.mark.parametrize("resources", [["--cpus-per-trial", "64"], ["--gpus-per-trial", "1"]])
 def test_resources_no_node_can_give_are_refused_not_waited_for(tmp_path, tiny_space, capsys, resources):
-    code = search.main(["--local", "--space", tiny_space(), "--name", "r", "--storage-path", str(tmp_path / "res"),
+    code = cli.main(["--local", "--space", tiny_space(), "--name", "r", "--storage-path", str(tmp_path / "res"),
                         *resources])
     assert code == 2
     assert_one_error(capsys.readouterr().err, "no node of the Ray cluster fits one trial", "lower --cpus-per-trial")
@@ -748,17 +752,17 @@ def test_resources_no_node_can_give_are_refused_not_waited_for(tmp_path, tiny_sp
 def test_a_damaged_part_file_on_resume_is_named_and_nothing_changes(tiny_search, tmp_path, capsys):
     experiment = tmp_path / "res" / "tiny"
     shutil.copytree(tiny_search.directory, experiment)
-    part = next((experiment / results.TRIALS_FILE).glob("part-*.parquet"))
+    part = next((experiment / exp.TRIALS_FILE).glob("part-*.parquet"))
     part.write_bytes(part.read_bytes()[:100])  # cut off
     before = snapshot(experiment)
-    assert search.main(["--resume", "--name", "tiny", "--storage-path", str(tmp_path / "res"), "--local"]) == 2
+    assert cli.main(["--resume", "--name", "tiny", "--storage-path", str(tmp_path / "res"), "--local"]) == 2
     assert_one_error(capsys.readouterr().err, f"{part} is not a readable Parquet file")
     assert snapshot(experiment) == before
 
 
 def test_an_address_where_no_ray_listens_is_refused_not_waited_for(tmp_path, tiny_space, capsys):
     port = free_port()  # nothing listens there
-    code = search.main(["--space", tiny_space(), "--name", "x", "--storage-path", str(tmp_path / "res"),
+    code = cli.main(["--space", tiny_space(), "--name", "x", "--storage-path", str(tmp_path / "res"),
                         "--address", f"127.0.0.1:{port}"])
     assert code == 2
     assert_one_error(capsys.readouterr().err, f"no Ray cluster answers at 127.0.0.1:{port}")
@@ -770,7 +774,7 @@ def test_an_optuna_storage_that_is_no_journal_is_named(tmp_path, tiny_space, cap
     garbage.write_text("these are my notes\n")
     space = tiny_space()
     before = snapshot(tmp_path)
-    code = search.main(["--local", "--space", space, "--name", "x", "--storage-path", str(tmp_path / "res"),
+    code = cli.main(["--local", "--space", space, "--name", "x", "--storage-path", str(tmp_path / "res"),
                         "--optuna-storage", str(garbage)])
     assert code == 2
     assert_one_error(capsys.readouterr().err, f"{garbage} is not an Optuna journal")

@@ -15,12 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import write_table
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from newllm import export, results
+from newllm import experiment, export
 from newllm.checkpoint import load_model, save_model
 from newllm.data import END_OF_TEXT, builtin_documents, train_tokenizer
 from newllm.model import ModelConfig, NewLLM
@@ -278,7 +279,7 @@ def experiment(tmp_path, checkpoint) -> Path:
         "trial_id": ["a", "b", "c"], "status": ["passed", "gate_failed", "passed"],
         "objective": [10.0, 1.5e6, 20.0], "val_ppl": [10.0, None, 20.0],
         "checkpoint_path": ["trial_a/checkpoint_000001", "trial_a/checkpoint_000001", "trial_c/checkpoint_000001"],
-    }).to_parquet(d / "trials.parquet")
+    }).pipe(write_table, d / "trials.parquet")
     return d
 
 
@@ -300,8 +301,7 @@ def test_export_best_trial(tmp_path, experiment, capsys):
 def test_export_errors_exit_2(tmp_path, experiment, capsys, where, args, message):
     if where == "gate_only":
         trials = pd.read_parquet(experiment / "trials.parquet")
-        (tmp_path / "gate_only").mkdir()
-        trials[trials.status == "gate_failed"].to_parquet(tmp_path / "gate_only" / "trials.parquet")
+        write_table(trials[trials.status == "gate_failed"], tmp_path / "gate_only" / "trials.parquet")
     path = {"missing": tmp_path / "missing", "tmp": tmp_path, "exp": experiment}.get(where, tmp_path / where)
     assert export.main([str(path), *args, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
@@ -320,17 +320,11 @@ def test_export_needs_exactly_one_of_trial_and_best(tmp_path, experiment, capsys
 
 @pytest.mark.slow
 def test_export_of_a_tiny_search_loads_and_generates(tmp_path, tiny_search):
-    trials, _ = results.load(tiny_search.directory)
+    trials, _ = experiment.load(tiny_search.directory)
     best = trials[trials.status == "passed"].sort_values("objective").iloc[0]
-    # a moved and renamed experiment: its checkpoint paths are relative to it (those of an earlier
-    # newllm, absolute, rewritten so)
+    # a moved and renamed experiment: its checkpoint paths are relative to it
     moved = tmp_path / "elsewhere" / "renamed"
     shutil.copytree(tiny_search.directory, moved)
-    trials.checkpoint_path = trials.checkpoint_path.map(
-        lambda p: os.path.relpath(p, tiny_search.directory.resolve()) if os.path.isabs(p) else p)
-    shutil.rmtree(moved / results.TRIALS_FILE)
-    trials.to_parquet(moved / results.TRIALS_FILE, index=False)
-    best = trials.loc[best.name]
 
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "newllm.export", str(moved), "--best", "--out", str(out)],

@@ -18,7 +18,7 @@ from newllm.checkpoint import MODEL_FILE, load_model, save_model
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, builtin_documents, load_documents, prepare_data
 from newllm.model import ModelConfig, NewLLM
-from newllm.run import build_model, train
+from newllm.run import build_model, train_run
 from newllm.space import SpaceError, load_space
 
 TINY = ["--context-dim", "8", "--embed-dim", "8", "--hidden-dim", "16", "--num-layers", "1",
@@ -156,7 +156,7 @@ def test_checkpoints_with_the_runs_records_load(tmp_path, monkeypatch):
     corpus.write_text("\n\n".join(d[:1500] for d in builtin_documents()[:6]))
     data = prepare_data(DataConfig(source=str(corpus), num_samples=0, vocab_size=300))
     model = build_model(cfg, data.vocab_size)
-    result = train(cfg, data, model)
+    result = train_run(cfg, data, model)
     p1 = result.phase1
     phase1 = {"history": [r.to_dict() for r in p1.history], "stop_reason": p1.stop_reason, "seconds": p1.seconds}
     summary = {**result.summary(), "missing": None, "undefined": math.nan}

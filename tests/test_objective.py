@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm import export, results
+from newllm import experiment, export
 from newllm.checkpoint import load_model
 from newllm.phase2 import stream_metrics
 from newllm.space import load_space
@@ -18,13 +18,13 @@ from newllm.space import load_space
 
 @pytest.mark.slow
 def test_reported_val_ppl_is_the_saved_models_real_perplexity(tiny_search, tmp_path):
-    trials, iterations = results.load(tiny_search.directory)
+    trials, iterations = experiment.load(tiny_search.directory)
     passed = trials[trials.status == "passed"]
     assert len(passed) >= 2 and (passed.phase2_lr >= 1e-3).all() and not passed.freeze_context.any()
     val_ids = tiny_search.data.val_ids
     for row in passed.itertuples():
         # when the search ends a trial keeps its first checkpoint (after Phase 1) and its latest
-        checkpoint = Path(results.checkpoint_dir(tiny_search.directory, row.checkpoint_path))
+        checkpoint = Path(experiment.checkpoint_dir(tiny_search.directory, row.checkpoint_path))
         after_phase1, latest = sorted(checkpoint.parent.glob("checkpoint_*"))
         assert latest == checkpoint
         model, _ = load_model(latest)
@@ -49,7 +49,7 @@ def test_exported_model_has_the_reported_val_ppl(tiny_search, tmp_path):
 
     import newllm.hf  # noqa: F401  (registers the model type)
 
-    trials, _ = results.load(tiny_search.directory)
+    trials, _ = experiment.load(tiny_search.directory)
     val_ids = tiny_search.data.val_ids[None]
     for row in trials[trials.status == "passed"].itertuples():
         out = tmp_path / row.trial_id

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from newllm import results
-from newllm.search import build_parser
+from newllm import experiment
+from newllm.search.cli import build_parser
 from newllm.space import SpaceError, builtin_spaces, load_space, resolve_space
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def test_wheel_runs_the_laptop_search_outside_the_checkout(tmp_path, ray_env):
     search = run([python, "-m", "newllm.search", "--local", "--space", "laptop", "--num-trials", "1",
                   "--num-samples", "10", "--name", "wheel", "--storage-path", tmp_path / "res"], cwd=away, env=ray_env)
     assert f"1 trials of {space}" in search.stdout
-    trials, iterations = results.load(tmp_path / "res" / "wheel")
+    trials, iterations = experiment.load(tmp_path / "res" / "wheel")
     assert len(trials) == 1 and set(iterations.trial_id) == set(trials.trial_id)
 
 
@@ -189,6 +189,6 @@ def test_cluster_readme_walkthrough_runs_as_written(tmp_path, ray_env):
     finally:
         subprocess.run([ray, "stop"], check=False, env=env, capture_output=True, timeout=120)
     (experiment,) = (tmp_path / "res").iterdir()
-    trials, _ = results.load(experiment)
+    trials, _ = experiment.load(experiment)
     assert len(trials) == num_trials and set(trials.status) <= {"passed", "gate_failed"}
     assert all(t in walk.stdout for t in trials.trial_id)  # the block's own read of the results printed them

@@ -10,12 +10,13 @@ import pytest
 import ray
 import torch
 
-from newllm import export, results, search
+from newllm import experiment, export
+from newllm.search import algorithms
 from newllm.checkpoint import load_model, save_model
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, builtin_documents, prepare_data
 from newllm.phase2 import stream_metrics
-from newllm.run import EpochReport, build_model, checkpoint_record, resume_from, train
+from newllm.run import EpochReport, build_model, checkpoint_record, resume_from, train_run
 from newllm.space import load_space
 
 STOP_SPACE = """
@@ -45,22 +46,21 @@ POINTS = [{"phase2_lr": 0.003, "gate_train_er": 0.0}, {"phase2_lr": 1e-5, "gate_
 
 @pytest.fixture(scope="module")
 def stopped_search(tmp_path_factory):
-
     root = tmp_path_factory.mktemp("asha")
     (root / "stop.yaml").write_text(STOP_SPACE)
-    args = search.parse_args(["--space", str(root / "stop.yaml"), "--name", "stop", "--storage-path", str(root),
-                              "--concurrency", "1"])
-    space = load_space(args.space)
+    space = load_space(str(root / "stop.yaml"))
     data = prepare_data(DataConfig(**space.data, cache_dir=str(root / "cache")))
-    exp_dir = search.experiment_dir(args)
+    run = algorithms.SearchRun(name="stop", storage_root=str(root), space=space, data=data, num_trials=len(POINTS),
+                               concurrency=1, points=tuple(POINTS))
+    exp_dir = run.exp_dir
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        search.run_search(args, space, data, len(POINTS), 1, exp_dir, points=POINTS)
+        algorithms.run_search(run)
     finally:
         ray.shutdown()
-    searcher = search.FamilySearch({}, space, data.vocab_size, "objective", "min")
+    searcher = algorithms.KindSearch({}, space, data.vocab_size, "objective", "min")
     searcher.restore_from_dir(exp_dir)
-    trials, iterations = results.load(exp_dir)
+    trials, iterations = experiment.load(exp_dir)
     return exp_dir, data, trials, iterations, searcher.searchers["newllm"]
 
 
@@ -93,7 +93,7 @@ def test_a_stopped_trial_lands_as_passed_with_its_best_epoch_in_both_tables(stop
 def test_a_stopped_trials_checkpoint_is_its_best_epochs_model(stopped_search, tmp_path):
     exp_dir, data, trials, _, _ = stopped_search
     stopped = trials[trials.phase2_stop_reason == "scheduler"].iloc[0]
-    model, _ = load_model(results.checkpoint_dir(exp_dir, stopped.checkpoint_path))
+    model, _ = load_model(experiment.checkpoint_dir(exp_dir, stopped.checkpoint_path))
     assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(stopped.val_ppl, rel=1e-6)
     out = tmp_path / "hf"
     assert export.main([exp_dir, "--trial", stopped.trial_id, "--out", str(out)]) == 0
@@ -124,13 +124,13 @@ def test_a_run_resumed_from_a_phase2_checkpoint_ends_as_the_uninterrupted_one(tm
             saved.append(epoch.if_stopped.summary())
 
     model = build_model(cfg, data.vocab_size)
-    whole = train(cfg, data, model, on_epoch=save_at_epoch_2)
+    whole = train_run(cfg, data, model, on_epoch=save_at_epoch_2)
     # the checkpoint's model is what its "stopped here" summary says
     restored, record = load_model(tmp_path / "ckpt")
     assert math.exp(stream_metrics(restored, data.val_ids)[0]) == pytest.approx(saved[0]["val_ppl"], rel=1e-6)
     assert saved[0]["phase2_stop_reason"] == "scheduler" and saved[0]["phase2_epochs_run"] == 2
 
-    resumed = train(cfg, data, restored, resume=resume_from(record))
+    resumed = train_run(cfg, data, restored, resume=resume_from(record))
     assert [r.epoch for r in resumed.phase2.history] == [1, 2, 3, 4]
     assert resumed.train_analysis == whole.train_analysis and resumed.gate == whole.gate
     a, b = whole.summary(), resumed.summary()
@@ -185,7 +185,7 @@ def run_without_ray(root, monkeypatch, config: dict, space, data, start=None) ->
     from the checkpoint ``start``."""
     from types import SimpleNamespace
 
-    from newllm import trainable
+    from newllm.search import trainable
 
     monkeypatch.setattr(trainable, "ray", SimpleNamespace(get_runtime_context=FakeContext))
     fake = FakeTune(root, start)

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import ray
 
-from newllm import results, search, storage
+from newllm import experiment
+from newllm.search import callbacks, cli, storage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,19 +28,19 @@ def _env(tmp_path, monkeypatch):
 
 
 def run_search(tmp_path: Path, space: str, name: str, *extra: str) -> pd.DataFrame:
-    assert search.main(["--local", "--space", space, "--name", name, "--storage-path", str(tmp_path / "res"), *extra]) == 0
+    assert cli.main(["--local", "--space", space, "--name", name, "--storage-path", str(tmp_path / "res"), *extra]) == 0
     ray.shutdown()
-    trials, iterations = results.load(tmp_path / "res" / name)
+    trials, iterations = experiment.load(tmp_path / "res" / name)
     return trials, iterations
 
 
 @pytest.mark.slow
 def test_small_search_writes_one_typed_row_per_trial(tiny_search):
-    trials, iterations = results.load(tiny_search.directory)
+    trials, iterations = experiment.load(tiny_search.directory)
     assert len(trials) == 3 and trials.trial_id.is_unique
     # every column has its declared dtype: a summary key without one cannot slip through
-    declared = search.TrialRow.dtypes()
-    assert set(trials.columns) == set(declared) | set(search.versions())
+    declared = callbacks.TrialRow.dtypes()
+    assert set(trials.columns) == set(declared) | set(callbacks.versions())
     # nullable: a setting that means nothing to a baseline is null in its row
     assert str(trials.context_dim.dtype) == "Int64" and str(trials.dist_reg_weight.dtype) == "float64"
     assert str(trials.architecture.dtype) in ("object", "str", "string")
@@ -92,7 +93,7 @@ BAD_SPACES = {
 def test_bad_space_exits_2_before_anything(tmp_path, capsys, case):
     space = tmp_path / "bad.yaml"
     space.write_text(BAD_SPACES[case])
-    code = search.main(["--space", str(space), "--name", "x", "--storage-path", str(tmp_path / "res")])
+    code = cli.main(["--space", str(space), "--name", "x", "--storage-path", str(tmp_path / "res")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and str(space) in err
     assert not (tmp_path / "res").exists() and not ray.is_initialized()
@@ -105,7 +106,7 @@ def test_bad_space_exits_2_before_anything(tmp_path, capsys, case):
     (["--space", "/no/such.yaml"], "does not exist"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, args, message):
-    code = search.main(["--storage-path", str(tmp_path / "res"), *args])
+    code = cli.main(["--storage-path", str(tmp_path / "res"), *args])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "res").exists()
 
@@ -127,14 +128,14 @@ def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path, tiny
             break
     driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and the driver exits
     driver.communicate(timeout=120)
-    before, _ = results.load(tmp_path / "res" / "r")
+    before, _ = experiment.load(tmp_path / "res" / "r")
     assert 1 <= len(before) < 4
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    after, iterations = results.load(tmp_path / "res" / "r")
+    after, iterations = experiment.load(tmp_path / "res" / "r")
     assert len(after) == 4 and after.trial_id.is_unique
     assert set(before.trial_id) <= set(after.trial_id)
-    assert not iterations.duplicated(results.ITERATION_KEY).any()
+    assert not iterations.duplicated(experiment.ITERATION_KEY).any()
     assert (after.status != "error").all()
 
 
@@ -199,19 +200,19 @@ def test_the_experiment_keeps_its_space_and_resume_needs_no_space_file(tmp_path,
     assert (tmp_path / "res" / "kept" / "report.html").is_file()
     space_file.unlink()  # the checkout's copy is gone or changed: the experiment does not need it
     args = ["--local", "--name", "kept", "--storage-path", str(tmp_path / "res"), "--resume"]
-    assert search.main(args + ["--space", "laptop"]) == 2
+    assert cli.main(args + ["--space", "laptop"]) == 2
     err = capsys.readouterr().err
     assert "--space give another" in err and "params.architecture" in err and "fixed.seed" in err
-    assert search.main(args) == 0
+    assert cli.main(args) == 0
     ray.shutdown()
-    assert len(results.load(exp)[0]) == 1
+    assert len(experiment.load(exp)[0]) == 1
 
 
 @pytest.mark.slow
 def test_the_optuna_study_is_live_during_the_search_and_complete_after(tmp_path, tiny_space):
     import optuna
 
-    journal = tmp_path / "res" / "live" / storage.OPTUNA_JOURNAL
+    journal = tmp_path / "res" / "live" / experiment.OPTUNA_JOURNAL
     args = [sys.executable, "-m", "newllm.search", "--local", "--space", tiny_space(), "--name", "live",
             "--storage-path", str(tmp_path / "res"), "--concurrency", "1"]
     driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -226,7 +227,7 @@ def test_the_optuna_study_is_live_during_the_search_and_complete_after(tmp_path,
     assert optuna.trial.TrialState.COMPLETE in seen_running
     studies = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     study = optuna.load_study(study_name="live", storage=studies)
-    trials, _ = results.load(tmp_path / "res" / "live")
+    trials, _ = experiment.load(tmp_path / "res" / "live")
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
@@ -237,17 +238,17 @@ def test_a_study_name_already_in_the_optuna_storage_is_refused(tmp_path, capsys)
     journal = str(tmp_path / "shared.journal")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
     optuna.create_study(study_name="taken", storage=storage)
-    code = search.main(["--name", "taken", "--optuna-storage", journal, "--storage-path", str(tmp_path / "res")])
+    code = cli.main(["--name", "taken", "--optuna-storage", journal, "--storage-path", str(tmp_path / "res")])
     assert code == 2 and "already holds a study named 'taken'" in capsys.readouterr().err
     assert not (tmp_path / "res").exists()
 
 
 def test_an_experiment_on_object_storage_keeps_its_study_beside_the_driver(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = search.parse_args(["--name", "n", "--storage-path", "s3://bucket/newllm"])
-    assert storage.optuna_storage(None, "n", search.experiment_dir(args)) == str(tmp_path / "n.optuna.journal")
-    args = search.parse_args(["--name", "n", "--storage-path", str(tmp_path)])
-    assert storage.optuna_storage(None, "n", search.experiment_dir(args)) == f"{tmp_path}/n/{storage.OPTUNA_JOURNAL}"
+    on_s3 = experiment.experiment_dir(storage.storage_root("s3://bucket/newllm"), "n")
+    assert storage.optuna_storage(None, "n", on_s3) == str(tmp_path / "n.optuna.journal")
+    local = experiment.experiment_dir(storage.storage_root(str(tmp_path)), "n")
+    assert storage.optuna_storage(None, "n", local) == f"{tmp_path}/n/{experiment.OPTUNA_JOURNAL}"
 
 
 @pytest.mark.slow
@@ -264,7 +265,7 @@ def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_me
 
     space = tiny_space("gate_train_er: 0.0\n  gate_val_er: 0.0")
     args = ["--local", "--space", space, "--name", "reps", "--storage-path", str(tmp_path / "res")]
-    assert search.main(args + ["--repeats", "2", "--scheduler", "asha"]) == 2  # ASHA compares single runs
+    assert cli.main(args + ["--repeats", "2", "--scheduler", "asha"]) == 2  # ASHA compares single runs
     assert "use --scheduler none" in capsys.readouterr().err
     trials, iterations = run_search(tmp_path, space, "reps", "--num-trials", "2", "--repeats", "2")
     assert (trials.replicates == 2).all() and (trials.status == "passed").all()
@@ -279,10 +280,10 @@ def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_me
         assert row.val_ppl == pytest.approx(best[0], rel=1e-9)  # replicate 0's: the saved model's
         assert row.objective == pytest.approx(sum(best) / 2) == row.val_ppl_mean
         assert row.val_ppl_std == pytest.approx(abs(best[0] - best[1]) / math.sqrt(2))
-        model, _ = load_model(results.checkpoint_dir(tmp_path / "res" / "reps", row.checkpoint_path))
+        model, _ = load_model(experiment.checkpoint_dir(tmp_path / "res" / "reps", row.checkpoint_path))
         assert math.exp(stream_metrics(model, data.val_ids)[0]) == pytest.approx(row.val_ppl, rel=1e-6)
         assert len(rows[rows.phase == "final"]) == 1
-    journal = tmp_path / "res" / "reps" / storage.OPTUNA_JOURNAL
+    journal = tmp_path / "res" / "reps" / experiment.OPTUNA_JOURNAL
     study = optuna.load_study(study_name="reps", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))))
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))

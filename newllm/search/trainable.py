@@ -1,5 +1,5 @@
 """The Ray Tune function trainable: one search trial is ``space.repeats`` (usually 1)
-``newllm.run.train`` runs of its configuration, its replicates, with seeds seed, seed + 1, ...
+``newllm.run.train_run`` runs of its configuration, its replicates, with seeds seed, seed + 1, ...
 A New-LLM trial and a baseline trial (LSTM, GRU, transformer) run through the same function.
 
 Reported rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective``,
@@ -55,7 +55,7 @@ from newllm.run import (
     objective,
     replicates_summary,
     resume_from,
-    train,
+    train_run,
 )
 from newllm.space import SearchSpace
 
@@ -115,7 +115,7 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
 
 def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resume | None, replicate: int,
                   where: dict, kept: dict) -> dict:
-    """One run of the trial (``newllm.run.train``), reporting its rows and checkpoints; returns its
+    """One run of the trial (``newllm.run.train_run``), reporting its rows and checkpoints; returns its
     summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial."""
     model_info = {"family": cfg.family, "architecture": cfg.architecture, "num_params": model.num_params(),
                   "num_params_non_embedding": model.num_params(non_embedding=True)}
@@ -155,4 +155,4 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resum
             save(d, stopped, epoch.state)
             report("phase2", epoch.record.epoch, row, d)
 
-    return train(cfg, data, model, resume=resume, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch).summary()
+    return train_run(cfg, data, model, resume=resume, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch).summary()

@@ -22,10 +22,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from newllm.results import read_file, write_file
+from newllm.experiment import LEASE_FILE, LOCK_FILE, read_file, write_file
 
-LOCK_FILE = "driver.lock"
-LEASE_FILE = "driver.lease"
 LEASE_RENEW_SECONDS = 30.0
 LEASE_TTL_SECONDS = 120.0
 LEASE_SETTLE_SECONDS = 2.0  # object stores are last-writer-wins: read back after this to see who won

@@ -1,7 +1,7 @@
 """Where a search keeps things: the storage root of its experiments, checked before anything is
-written, and the Optuna study's storage (a journal file or an RDB URL), opened and checked up
+written; the Optuna study's storage (a journal file or an RDB URL), opened and checked up
 front, with a journal cut off mid-record (a killed driver, a full disk) repaired before anything
-is appended to it."""
+is appended to it; and the trials' checkpoints, thinned when the search ends."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import optuna
+import pyarrow.fs
+import sqlalchemy.exc
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from sqlalchemy.engine import make_url
 
 from newllm.checks import check_writable_dir, path_arg
+from newllm.experiment import OPTUNA_JOURNAL, checkpoint_dir, filesystem, load
 
-if TYPE_CHECKING:
-    import optuna
-
-OPTUNA_JOURNAL = "optuna.journal"
 OBJECT_STORES = ("s3", "gs")
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "beegfs", "glusterfs", "fuse")
 JOURNAL_TAIL_BYTES = 1 << 16  # a journal record is far shorter: the tail's last newline lies within
@@ -104,8 +106,6 @@ def check_optuna_storage(storage: str, given: bool) -> None:
             except ValueError as e:
                 raise StorageError(str(e)) from None
         return
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
 
     try:
         url = make_url(storage)
@@ -125,11 +125,8 @@ def check_optuna_storage(storage: str, given: bool) -> None:
 
 def open_storage(storage: str) -> optuna.storages.BaseStorage:
     """The Optuna storage object of ``optuna_storage``'s answer: an RDB URL or a journal file."""
-    import optuna
-
     if "://" in storage:
         return optuna.storages.get_storage(storage)
-    from optuna.storages.journal import JournalFileBackend
 
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(storage))
@@ -140,7 +137,6 @@ def existing_studies(storage: str) -> set[str]:
     StorageError for a file that is no Optuna journal."""
     if "://" not in storage and not Path(storage).exists():
         return set()
-    import optuna
 
     try:
         return {s.study_name for s in optuna.study.get_all_study_summaries(open_storage(storage))}
@@ -155,7 +151,6 @@ def repair_journal(path: str) -> Path | None:
     ``<journal>.partial-<time>`` (returned) and cut from the journal; a whole last record that
     only lacks its newline gets it. Optuna's records are one JSON object a line; the repair holds
     Optuna's own lock on the file, as its writers do."""
-    from optuna.storages.journal import JournalFileSymlinkLock
 
     p = Path(path)
     if not p.is_file():
@@ -205,7 +200,6 @@ def fail_left_running(storage: optuna.storages.BaseStorage, name: str) -> None:
     """Mark FAIL the trials of study ``name`` that a killed driver left RUNNING, so that the
     sampler stops treating them as pending. The Tune trials behind them run on after the resume,
     and StudySearch gives Optuna their results then."""
-    import optuna
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -213,3 +207,24 @@ def fail_left_running(storage: optuna.storages.BaseStorage, name: str) -> None:
         return
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def prune_checkpoints(exp_dir: str) -> int:
+    """Delete the checkpoints of finished trials except their first (after Phase 1) and their
+    latest (the trials table's ``checkpoint_path``); return how many. Unfinished trials (an
+    interrupted search) keep all theirs, one of which a resume will start from."""
+    try:
+        trials, _ = load(exp_dir)
+    except FileNotFoundError:
+        return 0
+    deleted = 0
+    for path in trials.checkpoint_path.dropna():
+        fs, latest = filesystem(checkpoint_dir(exp_dir, path))
+        parent = latest.rsplit("/", 1)[0]
+        checkpoints = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+                             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        for c in checkpoints[1:]:
+            if c != latest:
+                fs.delete_dir(c)
+                deleted += 1
+    return deleted

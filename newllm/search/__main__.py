@@ -1,0 +1,5 @@
+import sys
+
+from newllm.search.cli import main
+
+sys.exit(main())
