@@ -27,7 +27,8 @@ import pyarrow as pa
 
 from newllm.checkpoint import MODEL_FILE
 from newllm.checks import check_new_out, path_arg
-from newllm.results import best_newllm_trial, load
+from newllm.results import load
+from newllm.trials import best_newllm_trial
 
 # the columns of the trials table that picking and exporting a trial read
 TRIAL_COLUMNS = ("trial_id", "status", "objective", "val_ppl", "checkpoint_path")
