@@ -11,7 +11,9 @@ recorded them, are drawn as lines. The file is self-contained: plotly.js is embe
 opens offline and can be mailed. It prints a short summary and the report's path. A directory
 that holds no results is a one-line ``error:`` and exit code 2.
 
-``write_report(directory)`` does the same from Python (a search calls it when it ends).
+``write_report(directory)`` does the same from Python (a search calls it when it ends), and a
+search prints its end-of-search summary with ``trials_table_text`` and ``summary``, the lines
+the report opens with.
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ def read_experiment(directory: str | os.PathLike) -> tuple[pd.DataFrame, pd.Data
 
 def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[str, od.BaseDistribution],
             floors: dict | None = None) -> list[str]:
-    """A few lines: trials by status, the best New-LLM trial and configuration, how it compares
-    with the baselines, the gate's saving and the floors (``newllm.floors.recorded_floors``)."""
+    """What a search found, in a few lines (the report's head, and what the CLI and the search
+    print at the end): trials by status, the best New-LLM trial and configuration (with its
+    replicates' spread where it has several), how it compares with the baselines, the trials
+    whose Phase 2 ASHA stopped early, the gate's saving and the floors
+    (``newllm.floors.recorded_floors``)."""
     reported = set(iterations["trial_id"]) if "trial_id" in iterations else set()
     finished = set(trials["trial_id"]) if len(trials) else set()
     lines = []
@@ -130,15 +135,63 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[
                                                          if pd.notna(non_embedding) else "")
         lines.append(f"Best {which} {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
                      f"{size}; " + ", ".join(f"{k}={fmt(best[k])}" for k in distributions))
+        if (replicates := replicates_line(best)) is not None:
+            lines.append(replicates)
     else:
         lines.append(f"No {which} passed: no best configuration.")
     comparison = comparison_line(trials)
     if comparison is not None:
         lines.append(comparison)
+    if (stopped := asha_stopped_line(trials)) is not None:
+        lines.append(stopped)
     lines.append(gate_saving_line(trials))
     if floors is not None:
         lines.append(floors_line(floors))
     return lines
+
+
+def replicates_line(best: pd.Series) -> str | None:
+    """A trial's val_ppl over its replicates (seeds), in one line, where it has more than one:
+    its objective is their mean, while the best-trial line shows replicate 0's (the saved model's)."""
+    replicates = best.get("replicates")
+    if pd.isna(replicates) or replicates <= 1:
+        return None
+    spread = f" ± {best.val_ppl_std:.2f}" if pd.notna(best.val_ppl_std) else ""
+    return (f"  over its {int(replicates)} replicates (seeds): objective {best.objective:.2f}, val_ppl "
+            f"{best.val_ppl_mean:.2f}{spread} over the {int(best.replicates_passed)} that passed; the figures "
+            f"above are replicate 0's, the saved model's")
+
+
+def asha_stopped_line(trials: pd.DataFrame) -> str | None:
+    """The trials whose Phase 2 ASHA stopped early, in one line (counted per family where the
+    table holds baselines): their val_ppl is from fewer epochs. None when it stopped none."""
+    if "phase2_stop_reason" not in trials:
+        return None
+    stopped = trials[trials["phase2_stop_reason"].eq("scheduler").fillna(False).astype(bool)]
+    if stopped.empty:
+        return None
+    of = ""
+    if is_baseline(trials).any():
+        families = stopped["family"].fillna("newllm").value_counts()
+        of = f" ({', '.join(f'{n} {f}' for f, n in families.items())})"
+    return (f"ASHA stopped Phase 2 of {len(stopped)} passed trials early{of}, after "
+            f"{int(stopped.phase2_epochs_run.sum())} epochs in all; their val_ppl is their best epoch's, which "
+            f"their checkpoints hold")
+
+
+def trials_table_text(trials: pd.DataFrame, searched: list[str], baseline_params: list[str] | None) -> str:
+    """The trials as a text table, by objective, for the search to print at its end: id, status,
+    the ``searched`` parameters, Phase 1, Phase 2 and the objective; with ``baseline_params`` (the
+    baselines' searched parameters; None: the search had no baselines) also each trial's
+    architecture, non-embedding size and those parameters. Columns the table lacks are left out."""
+    columns = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction",
+               "phase2_epochs_run", "val_ppl", "objective"]
+    if baseline_params is not None:  # the baselines' own columns, after their architecture
+        columns = [*columns[:2], "architecture", *columns[2:], "num_params_non_embedding", *baseline_params]
+        columns = list(dict.fromkeys(columns))
+    table = trials.sort_values("objective")[[c for c in columns if c in trials]]
+    with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
+        return table.to_string(index=False)
 
 
 def comparison_line(trials: pd.DataFrame) -> str | None:

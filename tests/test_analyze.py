@@ -270,6 +270,62 @@ def test_summary_names_the_best_newllm_trial_the_comparison_and_the_floors():
                    "The gate skipped no Phase 2."]
 
 
+def test_summary_gives_the_best_trials_replicates_after_it():
+    replicates = dict(replicates=pd.array([3, 3], dtype="Int64"), replicates_passed=pd.array([2, 3], dtype="Int64"),
+                      val_ppl_mean=[61.5, 70.0], val_ppl_std=[1.25, 0.5])
+    lines = analyze.summary(make_trials(val_ppl=[60, 70], **replicates), pd.DataFrame(), {})
+    assert lines[1].startswith("Best trial t000: val_ppl 60.00")
+    assert lines[2] == ("  over its 3 replicates (seeds): objective 60.00, val_ppl 61.50 ± 1.25 over the 2 that "
+                        "passed; the figures above are replicate 0's, the saved model's")
+    # no spread without a std; no line for a trial of one replicate
+    one = analyze.summary(make_trials(val_ppl=[60, 70], **{**replicates, "val_ppl_std": [np.nan, 0.5]}),
+                          pd.DataFrame(), {})
+    assert one[2].startswith("  over its 3 replicates (seeds): objective 60.00, val_ppl 61.50 over the 2 that")
+    single = {**replicates, "replicates": pd.array([1, 1], dtype="Int64")}
+    assert not any("replicates" in line for line in analyze.summary(make_trials(val_ppl=[60, 70], **single),
+                                                                     pd.DataFrame(), {}))
+
+
+def test_summary_counts_the_trials_asha_stopped_by_family_where_there_are_baselines():
+    stopped = dict(phase2_stop_reason=pd.array(["scheduler", None, "max_epochs", "scheduler"], dtype="string"),
+                   phase2_epochs_run=pd.array([2, None, 5, 3], dtype="Int64"))
+    lines = analyze.summary(make_trials(status=["passed", "gate_failed", "passed", "passed"], **stopped),
+                            pd.DataFrame(), {})
+    assert lines[-2] == ("ASHA stopped Phase 2 of 2 passed trials early, after 5 epochs in all; their val_ppl is their "
+                         "best epoch's, which their checkpoints hold")
+    assert lines[-1] == analyze.gate_saving_line(make_trials(status=["passed", "gate_failed", "passed", "passed"]))
+    reasons = ["scheduler", None, "scheduler", "scheduler", None, None, "scheduler", "scheduler", None, "max_epochs"]
+    lines = analyze.summary(with_baselines(phase2_stop_reason=pd.array(reasons, dtype="string"),
+                                           phase2_epochs_run=pd.array([1, None, 2, 3, None, 5, 1, 4, None, 2],
+                                                                      dtype="Int64")), pd.DataFrame(), {})
+    assert lines[4] == ("ASHA stopped Phase 2 of 5 passed trials early (3 newllm, 2 baseline), after 11 epochs in all; "
+                        "their val_ppl is their best epoch's, which their checkpoints hold")
+    assert lines[3] == analyze.comparison_line(with_baselines()) and lines[5].startswith("The gate skipped")
+    never = analyze.summary(make_trials(val_ppl=[60, 70], phase2_stop_reason=pd.array(["max_epochs", None],
+                                                                                      dtype="string")),
+                            pd.DataFrame(), {})
+    assert not any(line.startswith("ASHA") for line in never)
+
+
+def test_trials_table_text_is_by_objective_with_the_searched_columns():
+    trials = make_trials(status=["passed", "gate_failed", "passed", "diverged"], val_ppl=[70, 0, 60.125, 0],
+                         context_dim=[8, 16, 32, 8], phase2_epochs_run=pd.array([4, None, 5, None], dtype="Int64"))
+    text = analyze.trials_table_text(trials, ["context_dim", "not_in_the_table"], None)
+    header, *rows = text.splitlines()
+    assert header.split() == ["trial_id", "status", "context_dim", "phase1_passes", "train_effective_rank_fraction",
+                              "phase2_epochs_run", "val_ppl", "objective"]
+    assert [row.split()[0] for row in rows] == ["t002", "t000", "t001", "t003"]
+    assert rows[0].split()[-2:] == ["60.12", "60.12"] and rows[2].split()[-1] == "1.5e+06"  # 4 significant digits
+    # with baselines: each trial's architecture after its status, then size and the baselines' parameters
+    trials = with_baselines(hidden_size=[None] * 6 + [64, 32, 64, 16])
+    header, *rows = analyze.trials_table_text(trials, ["context_dim"], ["hidden_size", "context_dim"]).splitlines()
+    assert header.split() == ["trial_id", "status", "architecture", "context_dim", "phase1_passes",
+                              "train_effective_rank_fraction", "val_ppl", "objective", "num_params_non_embedding",
+                              "hidden_size"]
+    assert [row.split()[0] for row in rows] == ["t007", "t006", "t002", "t003", "t009", "t000", "t005", "t001",
+                                                "t004", "t008"]
+
+
 def test_figures_of_newllm_only_ignore_the_baselines():
     trials = with_baselines()
     newllm = trials.iloc[:6]
