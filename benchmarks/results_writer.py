@@ -64,11 +64,11 @@ def reports(trial, index: int) -> Iterator[dict]:
                "iterations_since_restore": i, "experiment_tag": f"{index}_lr=0.001"}
 
 
-def drive(module: ModuleType, directory: str, num_trials: int, concurrency: int, new_api: bool) -> dict:
-    """Run ``num_trials`` fake trials through the module's ParquetResults, the next report coming
+def drive(module: ModuleType | None, directory: str, num_trials: int, concurrency: int, new_api: bool) -> dict:
+    """Run ``num_trials`` fake trials through ``module``'s ParquetResults (None: this newllm's), the next report coming
     from a random running trial. A flush is a callback call that wrote a file; times in seconds."""
     writes = 0
-    owner, name = (module.PartsTable, "write") if new_api else (module, "write_parquet")
+    owner, name = (experiment.PartsTable, "write") if new_api else (module, "write_parquet")
     write = getattr(owner, name)
 
     def counted_write(*args, **kwargs):
@@ -77,7 +77,7 @@ def drive(module: ModuleType, directory: str, num_trials: int, concurrency: int,
         return write(*args, **kwargs)
 
     row = trial_row if new_api else (lambda trial, result: trial_row(trial, result, []))
-    cb = module.ParquetResults(directory, row, DTYPES)
+    cb = (callbacks if new_api else module).ParquetResults(directory, row, DTYPES)
     cb.setup()
     flushes, finishes, rng = [], [], random.Random(0)
     started, running = 0, []
@@ -142,7 +142,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         exp = f"{tmp}/exp"
-        new = drive(results, exp, args.trials, args.concurrency, new_api=True)
+        new = drive(None, exp, args.trials, args.concurrency, new_api=True)
         files_before = files_in(exp)
         t = time.perf_counter()
         trials_before, iterations_before = experiment.load(exp)

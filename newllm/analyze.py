@@ -3,15 +3,17 @@
 Reads the experiment's ``trials.parquet`` and ``iterations.parquet`` (``newllm.experiment.load``),
 finished or still running (what has landed so far), and writes ``report.html`` (to ``--out``,
 by default the experiment directory): the figures of ``newllm.figures``, each with a caption,
-and the top trials with their configurations. Baseline trials (LSTM, GRU, transformer, in the
-same table with ``family == "baseline"``) are drawn beside New-LLM's and compared with its best
-trial at no more non-embedding parameters (``comparison_line``); the perplexity floors of the
-data (``floors.json``), where the search recorded them, are drawn as lines. The file is
-self-contained: plotly.js is embedded once, so it opens offline and can be mailed. It prints a
-short summary and the report's path. A directory that holds no results is a one-line
-``error:`` and exit code 2.
+and the top trials with their configurations, their numbers from ``newllm.trials``. Baseline
+trials (LSTM, GRU, transformer, in the same table with ``family == "baseline"``) are drawn beside
+New-LLM's and compared with its best trial at no more non-embedding parameters
+(``comparison_line``); the perplexity floors of the data (``floors.json``), where the search
+recorded them, are drawn as lines. The file is self-contained: plotly.js is embedded once, so it
+opens offline and can be mailed. It prints a short summary and the report's path. A directory
+that holds no results is a one-line ``error:`` and exit code 2.
 
-``write_report(directory)`` does the same from Python (a search calls it when it ends).
+``write_report(directory)`` does the same from Python (a search calls it when it ends), and a
+search prints its end-of-search summary with ``trials_table_text`` and ``summary``, the lines
+the report opens with.
 """
 
 from __future__ import annotations
@@ -33,10 +35,27 @@ import pyarrow as pa
 from plotly.offline import get_plotlyjs
 
 from newllm import figures
-from newllm.floors import floors_line, recorded_floors
 from newllm.checks import check_writable_dir, path_arg
 from newllm.experiment import REPORT_FILE, load, write_file
+from newllm.floors import floors_line, recorded_floors
 from newllm.space import recorded_distributions
+from newllm.trials import (
+    baseline_trials,
+    best_newllm_trial,
+    curves,
+    fmt,
+    gate_importance,
+    gate_saving,
+    infer_distributions,
+    is_baseline,
+    newllm_trials,
+    objective_importance,
+    rebuild_study,
+    size_label,
+    sizes,
+    status_is,
+    top_trials,
+)
 
 
 
@@ -56,6 +75,7 @@ class Section:
 
 @dataclass
 class Report:
+    """The report of one experiment: its summary lines and its sections, in order."""
     name: str
     directory: str
     summary: list[str]
@@ -83,8 +103,11 @@ def read_experiment(directory: str | os.PathLike) -> tuple[pd.DataFrame, pd.Data
 
 def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[str, od.BaseDistribution],
             floors: dict | None = None) -> list[str]:
-    """A few lines: trials by status, the best New-LLM trial and configuration, how it compares
-    with the baselines, the gate's saving and the floors (``newllm.floors.recorded_floors``)."""
+    """What a search found, in a few lines (the report's head, and what the CLI and the search
+    print at the end): trials by status, the best New-LLM trial and configuration (with its
+    replicates' spread where it has several), how it compares with the baselines, the trials
+    whose Phase 2 ASHA stopped early, the gate's saving and the floors
+    (``newllm.floors.recorded_floors``)."""
     reported = set(iterations["trial_id"]) if "trial_id" in iterations else set()
     finished = set(trials["trial_id"]) if len(trials) else set()
     lines = []
@@ -93,10 +116,10 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[
     else:
         counts = trials["status"].fillna("error").value_counts()
         lines.append(f"{len(trials)} trials finished: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-        baselines = figures.baseline_trials(trials)
+        baselines = baseline_trials(trials)
         if len(baselines):
             kinds = baselines["architecture"].fillna("?").value_counts()
-            passed = int(figures.status_is(baselines, "passed").sum())
+            passed = int(status_is(baselines, "passed").sum())
             lines.append(f"Of them {len(baselines)} baselines ({', '.join(f'{n} {a}' for a, n in kinds.items())}), "
                          f"{passed} passed.")
     if reported - finished:
@@ -104,38 +127,86 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[
                      f"search stopped).")
     if trials.empty:
         return lines
-    which = "New-LLM trial" if figures.is_baseline(trials).any() else "trial"
-    best = figures.best_newllm_trial(trials)
+    which = "New-LLM trial" if is_baseline(trials).any() else "trial"
+    best = best_newllm_trial(trials)
     if best is not None:
         non_embedding = best.get("num_params_non_embedding")
         size = f"{int(best.num_params):,} parameters" + (f" ({int(non_embedding):,} non-embedding)"
                                                          if pd.notna(non_embedding) else "")
         lines.append(f"Best {which} {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
-                     f"{size}; " + ", ".join(f"{k}={figures.fmt(best[k])}" for k in distributions))
+                     f"{size}; " + ", ".join(f"{k}={fmt(best[k])}" for k in distributions))
+        if (replicates := replicates_line(best)) is not None:
+            lines.append(replicates)
     else:
         lines.append(f"No {which} passed: no best configuration.")
     comparison = comparison_line(trials)
     if comparison is not None:
         lines.append(comparison)
+    if (stopped := asha_stopped_line(trials)) is not None:
+        lines.append(stopped)
     lines.append(gate_saving_line(trials))
     if floors is not None:
         lines.append(floors_line(floors))
     return lines
 
 
+def replicates_line(best: pd.Series) -> str | None:
+    """A trial's val_ppl over its replicates (seeds), in one line, where it has more than one:
+    its objective is their mean, while the best-trial line shows replicate 0's (the saved model's)."""
+    replicates = best.get("replicates")
+    if pd.isna(replicates) or replicates <= 1:
+        return None
+    spread = f" ± {best.val_ppl_std:.2f}" if pd.notna(best.val_ppl_std) else ""
+    return (f"  over its {int(replicates)} replicates (seeds): objective {best.objective:.2f}, val_ppl "
+            f"{best.val_ppl_mean:.2f}{spread} over the {int(best.replicates_passed)} that passed; the figures "
+            f"above are replicate 0's, the saved model's")
+
+
+def asha_stopped_line(trials: pd.DataFrame) -> str | None:
+    """The trials whose Phase 2 ASHA stopped early, in one line (counted per family where the
+    table holds baselines): their val_ppl is from fewer epochs. None when it stopped none."""
+    if "phase2_stop_reason" not in trials:
+        return None
+    stopped = trials[trials["phase2_stop_reason"].eq("scheduler").fillna(False).astype(bool)]
+    if stopped.empty:
+        return None
+    of = ""
+    if is_baseline(trials).any():
+        families = stopped["family"].fillna("newllm").value_counts()
+        of = f" ({', '.join(f'{n} {f}' for f, n in families.items())})"
+    return (f"ASHA stopped Phase 2 of {len(stopped)} passed trials early{of}, after "
+            f"{int(stopped.phase2_epochs_run.sum())} epochs in all; their val_ppl is their best epoch's, which "
+            f"their checkpoints hold")
+
+
+def trials_table_text(trials: pd.DataFrame, searched: list[str], baseline_params: list[str] | None) -> str:
+    """The trials as a text table, by objective, for the search to print at its end: id, status,
+    the ``searched`` parameters, Phase 1, Phase 2 and the objective; with ``baseline_params`` (the
+    baselines' searched parameters; None: the search had no baselines) also each trial's
+    architecture, non-embedding size and those parameters. Columns the table lacks are left out."""
+    columns = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction",
+               "phase2_epochs_run", "val_ppl", "objective"]
+    if baseline_params is not None:  # the baselines' own columns, after their architecture
+        columns = [*columns[:2], "architecture", *columns[2:], "num_params_non_embedding", *baseline_params]
+        columns = list(dict.fromkeys(columns))
+    table = trials.sort_values("objective")[[c for c in columns if c in trials]]
+    with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
+        return table.to_string(index=False)
+
+
 def comparison_line(trials: pd.DataFrame) -> str | None:
     """Is New-LLM competitive at its size, in one sentence (the search's summary and the report
     both print it): its best passed trial (lowest objective) against the best passed baseline
-    (lowest val_ppl) with no more non-embedding parameters (``figures.sizes``). None when the
+    (lowest val_ppl) with no more non-embedding parameters (``sizes``). None when the
     table holds no baseline trial."""
     trials = trials.reset_index(drop=True)  # sizes are looked up by index
-    baseline = figures.is_baseline(trials)
+    baseline = is_baseline(trials)
     if not baseline.any():
         return None
-    size, word = figures.sizes(trials), figures.size_label(trials)
-    known = figures.status_is(trials, "passed") & trials["val_ppl"].notna() & size.notna()
+    size, word = sizes(trials), size_label(trials)
+    known = status_is(trials, "passed") & trials["val_ppl"].notna() & size.notna()
     ok = trials[known & baseline].sort_values("val_ppl", kind="stable")
-    best = figures.best_newllm_trial(trials)
+    best = best_newllm_trial(trials)
 
     def described(row: pd.Series) -> str:
         return f"{row.architecture} {row.trial_id} (val_ppl {row.val_ppl:.2f}, {int(size[row.name]):,} {word})"
@@ -165,7 +236,7 @@ def comparison_line(trials: pd.DataFrame) -> str | None:
 
 def gate_saving_line(trials: pd.DataFrame) -> str:
     """What the gate saved, in one sentence (the search's summary and the report both print it)."""
-    failed, mean_p2, saved = figures.gate_saving(trials)
+    failed, mean_p2, saved = gate_saving(trials)
     if not failed:
         return "The gate skipped no Phase 2."
     trials_ = f"{failed} trial{'s' if failed != 1 else ''}"
@@ -179,13 +250,13 @@ def sections(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict
              floors: dict | None = None) -> list[Section]:
     """Every part of the report, in reading order; a part the data cannot support yet says so.
     The parts about Phase 1, the gate and the searched parameters read the New-LLM trials only."""
-    curves = [phase1_section(trials, iterations), phase2_section(trials, iterations)]
+    curve_parts = [phase1_section(trials, iterations), phase2_section(trials, iterations)]
     if trials.empty:
         return [Section("Trials", "", body=_note("No trial has finished yet: the figures below come from the rows "
-                                                 "the running trials have reported.")), *curves]
+                                                 "the running trials have reported.")), *curve_parts]
     parts = [history_section(trials, floors), importance_section(trials, distributions)]
-    if figures.status_is(trials, "passed").any():
-        if distributions and figures.status_is(figures.newllm_trials(trials), "passed").any():
+    if status_is(trials, "passed").any():
+        if distributions and status_is(newllm_trials(trials), "passed").any():
             parts.append(slice_section(trials, distributions))
         parts.append(pareto_section(trials, floors))
     parts.append(Section("Gate map", "Per bin of each searched parameter: the share of trials whose Phase 1 passed "
@@ -193,8 +264,8 @@ def sections(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict
                          "dashed and dotted lines: the gate's train and val thresholds.",
                          figures.gate_map_figure(trials, distributions))
                  if distributions else Section("Gate map", "", body=_note(NO_PARAMS)))
-    which = "New-LLM trial (baselines have no Phase 1)" if figures.is_baseline(trials).any() else "trial"
-    return [*parts, *curves, Section("Time per phase", "Seconds of Phase 1, fixed-point analysis and Phase 2 per "
+    which = "New-LLM trial (baselines have no Phase 1)" if is_baseline(trials).any() else "trial"
+    return [*parts, *curve_parts, Section("Time per phase", "Seconds of Phase 1, fixed-point analysis and Phase 2 per "
                                      f"{which}. " + gate_saving_line(trials), figures.time_figure(trials)),
             top_section(trials, distributions)]
 
@@ -205,13 +276,14 @@ NO_PARAMS = "No searched parameter varies across the trials, so there is nothing
 def extras(trials: pd.DataFrame, floors: dict | None, baselines: str) -> str:
     """The end of a caption: what ``baselines`` says where the trials hold baselines, and the
     floors' lines where they are known."""
-    parts = [baselines] if figures.is_baseline(trials).any() else []
+    parts = [baselines] if is_baseline(trials).any() else []
     if floors is not None:
         parts.append("Dashed lines: the unigram and bigram perplexity floors of the val tokens (no training).")
     return "".join(" " + p for p in parts)
 
 
 def history_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
+    """The objective of each trial in the order finished, and the best so far."""
     return Section("Optimisation history", "Val perplexity of each passed trial in the order trials finished, and "
                    "the best so far; gate-failed, diverged and errored trials (penalised objective, no perplexity) "
                    "in the lower panel." + extras(trials, floors, "Baselines (trained end to end, no gate): one "
@@ -220,8 +292,9 @@ def history_section(trials: pd.DataFrame, floors: dict | None = None) -> Section
 
 
 def pareto_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
+    """Val perplexity against size: is a larger model worth it."""
     counted = ("non-embedding parameter count (every parameter but the embedding tables, nanoGPT's convention)"
-               if figures.size_label(trials) == "non-embedding parameters" else "parameter count")
+               if size_label(trials) == "non-embedding parameters" else "parameter count")
     return Section("Perplexity against size", f"Val perplexity against {counted} of the passed trials; the "
                    "Pareto front (no other trial is both smaller and better) is joined." +
                    extras(trials, floors, "Baselines: one marker per architecture, its own front dotted; the "
@@ -229,8 +302,9 @@ def pareto_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
 
 
 def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
-    objective, why_objective = figures.objective_importance(trials, distributions)
-    gate, why_gate = figures.gate_importance(trials, distributions)
+    """Which searched parameters decide val perplexity and passing the gate."""
+    objective, why_objective = objective_importance(trials, distributions)
+    gate, why_gate = gate_importance(trials, distributions)
     caption = (f"PED-ANOVA importance of each searched parameter for a low val perplexity ({why_objective}) and "
                f"for passing the gate and Phase 2 ({why_gate}).")
     if objective is None and gate is None:
@@ -241,9 +315,9 @@ def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDis
 
 def slice_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
     """Optuna's slice plot of the passed New-LLM trials' val perplexity."""
-    newllm = figures.newllm_trials(trials)
-    passed = newllm[figures.status_is(newllm, "passed")]
-    fig = optuna.visualization.plot_slice(figures.rebuild_study(passed, passed["val_ppl"], distributions),
+    newllm = newllm_trials(trials)
+    passed = newllm[status_is(newllm, "passed")]
+    fig = optuna.visualization.plot_slice(rebuild_study(passed, passed["val_ppl"], distributions),
                                           target_name="val perplexity")
     fig.update_layout(title=None, margin=dict(t=30))
     fig.update_traces(marker=dict(size=9, line=dict(width=1, color="#555555")))  # the first trials are near white
@@ -252,14 +326,16 @@ def slice_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribu
 
 
 def phase1_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
-    if figures.curves(iterations, "phase1", []).empty:
+    """How Phase 1 converged in each trial, pass by pass."""
+    if curves(iterations, "phase1", []).empty:
         return Section("Phase 1 (CVFP)", "", body=_note("No Phase 1 pass has been reported."))
     return Section("Phase 1 (CVFP)", "Each trial's converged ratio and effective rank (fraction of C) per Phase 1 "
                    "pass, coloured by the trial's status.", figures.phase1_figure(iterations, trials))
 
 
 def phase2_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
-    if figures.curves(iterations, "phase2", []).empty:
+    """How val perplexity fell in each trial, epoch by epoch."""
+    if curves(iterations, "phase2", []).empty:
         return Section("Phase 2", "", body=_note("No trial has reached Phase 2."))
     return Section("Phase 2", "Val perplexity per Phase 2 epoch of each trial that passed the gate, coloured by the "
                    "trial's status." + extras(trials, None, "Baselines (trained end to end, every epoch a Phase 2 "
@@ -272,9 +348,10 @@ SHORT_NAMES = {"train_effective_rank_fraction": "train ER / C", "val_effective_r
 
 
 def top_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
-    table = figures.top_trials(trials, distributions).rename(columns=SHORT_NAMES)
+    """The best trials with their results and configurations, as a table."""
+    table = top_trials(trials, distributions).rename(columns=SHORT_NAMES)
     body = table.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}", classes="trials")
-    baselines = figures.is_baseline(trials).any()
+    baselines = is_baseline(trials).any()
     which = (f"The {int((table.family != 'baseline').sum())} New-LLM trials of lowest objective, then the best trial "
              "of each baseline architecture," if baselines else f"The {len(table)} trials of lowest objective")
     return Section("Top trials", f"{which} with their results and searched parameters.",
@@ -325,7 +402,7 @@ def build_report(directory: str | os.PathLike,
     if distributions is None:
         distributions = recorded_distributions(str(directory))
     if distributions is None:  # an experiment of an earlier newllm: from the trials' configurations
-        distributions = figures.infer_distributions(trials) if len(trials) else {}
+        distributions = infer_distributions(trials) if len(trials) else {}
     floors = recorded_floors(str(directory))
     d = str(directory).rstrip("/")
     return Report(d.rsplit("/", 1)[-1], d, summary(trials, iterations, distributions, floors),
@@ -349,6 +426,7 @@ def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: check the directory and --out, build the report, write it, print its summary."""
     p = argparse.ArgumentParser(prog="python -m newllm.analyze",
                                 description="Write report.html, the figures of what a newllm search found.")
     p.add_argument("directory", help="the experiment directory (holding trials.parquet, iterations.parquet)")

@@ -42,6 +42,7 @@ State = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # GRU: h; LSTM:
 
 
 class BaselineLM(nn.Module):
+    """A baseline language model: embeddings, a standard sequence core, a head tied to nothing."""
     cfg: BaselineConfig
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -241,6 +242,7 @@ def baseline_stream_metrics(model: BaselineLM, ids: torch.Tensor, *, stride: int
 
 
 def detach_state(state: State) -> State:
+    """The recurrent state cut from the graph: truncated backprop through time between windows."""
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 

@@ -45,6 +45,8 @@ def _b(default, help: str, **extra):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One run's settings (model, Phase 1, gate, Phase 2, seed), validated when made; the
+    metadata of each field gives its help, flag and the family it means something to."""
     # model architecture
     architecture: str = _f("residual", "New-LLM's context update: residual (seed 002) or gated (seed 000); or a "
                                        "baseline trained end to end: lstm, gru or transformer",
@@ -247,6 +249,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``add_train_arguments`` flags."""
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 

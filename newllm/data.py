@@ -51,6 +51,7 @@ def _f(default, help: str, flag: str | None = ""):
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Where the text comes from and how it is split and tokenised; validated when made."""
     source: str = _f("builtin", "builtin (offline default), a directory of .txt, a .txt/.parquet/.jsonl/.json "
                                 "file, or hf:NAME (a hub or local data set, streamed)", flag="--data")
     num_samples: int = _f(10, "documents used, train + val; 0 = all")
@@ -88,6 +89,7 @@ class DataConfig:
 
 @dataclass
 class TokenData:
+    """A corpus tokenised once: train and val token ids, and the tokenizer that made them."""
     train_ids: torch.Tensor
     val_ids: torch.Tensor
     vocab_size: int
@@ -117,6 +119,7 @@ def read_text(path: Path, what: str, errors: str = "strict") -> str:
 
 
 def builtin_documents() -> list[str]:
+    """The offline default corpus: the topics of the Python language reference (``pydoc_data``)."""
     import pydoc_data.topics
 
     return [text.strip() for text in pydoc_data.topics.topics.values()]
@@ -281,6 +284,7 @@ def split_documents(docs: list[str], train_val_split: float) -> tuple[list[str],
 
 
 def fingerprint(docs: list[str]) -> str:
+    """A hash of the documents, naming the tokenizer cached for them."""
     h = hashlib.sha256()
     for d in docs:
         h.update(d.encode("utf-8"))
@@ -331,6 +335,7 @@ def read_tokenizer(path: Path, what: str = "tokenizer file"):
 
 
 def cache_dir(cfg: DataConfig) -> Path:
+    """Where tokenizers are cached: ``cache_dir``, else $NEWLLM_CACHE, else ~/.cache/newllm."""
     return Path(cfg.cache_dir or os.environ.get("NEWLLM_CACHE") or Path.home() / ".cache" / "newllm")
 
 

@@ -289,35 +289,3 @@ def recorded_json(path: str, without: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(damaged(path, f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", without)) from e
-# --- queries every reader of the trials table shares ------------------------------------
-
-
-def status_is(trials: pd.DataFrame, status: str) -> pd.Series:
-    """Boolean mask of the trials with ``status`` (a null status is no status)."""
-    return trials["status"].eq(status).fillna(False).astype(bool)
-
-
-def is_baseline(trials: pd.DataFrame) -> pd.Series:
-    """Boolean mask of the baseline trials (an experiment without a ``family`` column has none)."""
-    if "family" not in trials:
-        return pd.Series(False, index=trials.index)
-    return trials["family"].eq("baseline").fillna(False).astype(bool)
-
-
-def newllm_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The New-LLM trials: the only ones with a Phase 1, a gate and New-LLM's configuration."""
-    return trials[~is_baseline(trials)]
-
-
-def best_newllm_trial(trials: pd.DataFrame) -> pd.Series | None:
-    """The best New-LLM trial: the passed one with the lowest objective (the first written among
-    equals); None when none passed. Export's ``--best``, the search's summary and the report all
-    mean this one."""
-    newllm = newllm_trials(trials)
-    passed = newllm[status_is(newllm, "passed")]
-    return None if passed.empty else passed.sort_values("objective", kind="stable").iloc[0]
-
-
-def baseline_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The baseline trials (LSTM, GRU, transformer trained end to end), New-LLM's yardstick."""
-    return trials[is_baseline(trials)]

@@ -27,13 +27,15 @@ import pyarrow as pa
 
 from newllm.checkpoint import MODEL_FILE
 from newllm.checks import check_new_out, path_arg
-from newllm.experiment import best_newllm_trial, load
+from newllm.experiment import load
+from newllm.trials import best_newllm_trial
 
 # the columns of the trials table that picking and exporting a trial read
 TRIAL_COLUMNS = ("trial_id", "status", "objective", "val_ppl", "checkpoint_path")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command's flags: the experiment, which trial (--trial or --best), --out, --force."""
     p = argparse.ArgumentParser(
         prog="python -m newllm.export",
         description="Export a search trial's model as a Hugging Face Transformers directory (safetensors + tokenizer).",
@@ -133,6 +135,7 @@ def export_atomically(checkpoint: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: check everything, then export the trial's checkpoint as a Hugging Face model."""
     args = parse_args(argv)
     try:
         experiment = path_arg(args.experiment, "the experiment directory")

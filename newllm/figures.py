@@ -1,78 +1,54 @@
-"""The figures of a search's report: pure functions from its trials and iterations tables
-(``newllm.experiment.load``) to plotly figures.
+"""The figures of a search's report: plotly figures of its trials and iterations tables
+(``newllm.experiment.load``), one function a figure.
 
-The numbers a figure shows come from a small pure function beside it (``history``,
-``pareto_front``, ``gate_table``, ``curves``, ``gate_saving``, ...), so tests check them without
-drawing. Optuna's own plots and importance evaluators run on a study rebuilt from the trials
-table (``rebuild_study``) with the space's distributions, or, where the caller has none,
-distributions inferred from the trials' configuration columns (``infer_distributions``).
+The numbers a figure shows come from ``newllm.trials`` (``history``, ``pareto_front``,
+``gate_table``, ``curves``, ...), so tests check them without drawing; this module only draws
+them, and keeps the styles every figure shares (a status's colour, a baseline architecture's
+colour and marker, the floors' lines).
 
 Penalised trials (gate failed, diverged, errored) have no perplexity: they are drawn apart
 from the passed ones, never as their 1e6 / 1e7 objective.
 
 Baseline trials (``family == "baseline"``: an LSTM, GRU or transformer trained end to end) have
-no Phase 1, gate or New-LLM configuration: the figures of those (importance, gate map, Phase 1,
-time, the gate's saving) read the New-LLM trials only, and the others draw the baselines apart,
-one marker per architecture. Sizes are compared on the non-embedding parameter count
-(``sizes``).
+no Phase 1, gate or New-LLM configuration: the figures of those (gate map, Phase 1, time) draw the
+New-LLM trials only, and the others draw the baselines apart, one marker per architecture, sizes
+on the non-embedding parameter count.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-import optuna
 import optuna.distributions as od
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.importance import PedAnovaImportanceEvaluator
 from plotly.subplots import make_subplots
 
-from newllm.config import field_types
-from newllm.experiment import baseline_trials, best_newllm_trial, is_baseline, newllm_trials, status_is
+from newllm.trials import (
+    PENALISED,
+    baseline_trials,
+    by_architecture,
+    curves,
+    gate_table,
+    history,
+    is_baseline,
+    newllm_trials,
+    pareto_front,
+    size_label,
+    sizes,
+    status_is,
+    trial_status,
+)
 
 STATUS_COLORS = {"passed": "#2ca02c", "gate_failed": "#ff7f0e", "diverged": "#d62728", "error": "#7f7f7f",
                  "running": "#1f77b4"}
-PENALISED = ("gate_failed", "diverged", "error")
-MIN_IMPORTANCE_TRIALS = 4  # fewer trials give no meaningful importance
-TOP_TRIALS = 5             # PED-ANOVA's "good" trials: at least this many where the trials allow
-MAX_BINS = 5               # a numeric parameter's bins in the gate map
 HEIGHT = 420
 # colour and marker symbol of each baseline architecture (any other: BASELINE_OTHER)
 BASELINE_STYLES = {"lstm": ("#9467bd", "triangle-up"), "gru": ("#8c564b", "square"),
                    "transformer": ("#17becf", "diamond")}
 BASELINE_OTHER = ("#333333", "star")
 FLOOR_STYLES = {"unigram_ppl": ("unigram floor", "#7f7f7f"), "bigram_ppl": ("bigram floor", "#404040")}
-
-
-def fmt(value) -> str:
-    """A number short (4 significant digits), anything else as itself."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-# --- families and sizes ------------------------------------------------------------------
-
-
-def sizes(trials: pd.DataFrame) -> pd.Series:
-    """Each trial's size as sizes are compared: ``num_params_non_embedding`` (every parameter but
-    the embedding tables, nanoGPT's convention), ``num_params`` where an experiment (or a row)
-    predates it."""
-    if "num_params_non_embedding" not in trials:
-        return trials["num_params"].astype(float)
-    return trials["num_params_non_embedding"].astype(float).fillna(trials["num_params"].astype(float))
-
-
-def size_label(trials: pd.DataFrame) -> str:
-    """What ``sizes`` counts, as an axis title."""
-    return "non-embedding parameters" if "num_params_non_embedding" in trials else "parameters"
-
-
-def by_architecture(baselines: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Baseline rows per architecture, by name (none without rows: an old table has no
-    ``architecture`` to group by)."""
-    return list(baselines.groupby("architecture", sort=True)) if len(baselines) else []
 
 
 def baseline_style(architecture: str) -> tuple[str, str]:
@@ -90,76 +66,7 @@ def add_floors(fig: go.Figure, floors: dict | None, **where) -> None:
                           annotation_font_color=color, **where)
 
 
-# --- the study, rebuilt ------------------------------------------------------------------
-
-
-def infer_distributions(trials: pd.DataFrame) -> dict[str, od.BaseDistribution]:
-    """The searched parameters as far as the trials show them: every TrainConfig column whose
-    value varies across trials, numeric over its observed min..max, strings and booleans as
-    categories. ``hidden_dim`` is left out where it is ``context_dim + embed_dim`` in every
-    trial: the space's rule when it is not searched, so it follows the searched dimensions.
-    New-LLM trials only: a baseline's architecture and null configuration are no searched value."""
-    trials = newllm_trials(trials)
-    derived_hidden = {"hidden_dim", "context_dim", "embed_dim"} <= set(trials) and \
-        (trials.hidden_dim == trials.context_dim + trials.embed_dim).all()
-    distributions: dict[str, od.BaseDistribution] = {}
-    for name, kind in field_types().items():
-        if name not in trials or (name == "hidden_dim" and derived_hidden):
-            continue
-        values = trials[name].dropna()
-        if values.nunique() < 2:
-            continue
-        if kind in (bool, str):
-            distributions[name] = od.CategoricalDistribution(sorted(values.unique().tolist(), key=str))
-        elif kind is int:
-            distributions[name] = od.IntDistribution(int(values.min()), int(values.max()))
-        else:
-            distributions[name] = od.FloatDistribution(float(values.min()), float(values.max()))
-    return distributions
-
-
-def rebuild_study(trials: pd.DataFrame, values: pd.Series,
-                  distributions: dict[str, od.BaseDistribution]) -> optuna.Study:
-    """A minimising in-memory study with one completed trial per row of ``trials`` whose value
-    (``values``, aligned with ``trials``) is finite, its parameters read from the columns."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
-    try:
-        study = optuna.create_study(direction="minimize")
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    frozen = []
-    for (_, row), value in zip(trials.iterrows(), values):
-        if pd.isna(value) or not math.isfinite(value):
-            continue
-        params = {name: _python(row[name]) for name in distributions if name in row and pd.notna(row[name])}
-        frozen.append(optuna.trial.create_trial(value=float(value), params=params,
-                                                distributions={k: distributions[k] for k in params}))
-    study.add_trials(frozen)
-    return study
-
-
-def _python(value):
-    """A table cell as the plain Python value Optuna's distributions hold."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 # --- optimisation history ---------------------------------------------------------------
-
-
-def history(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial, in the order they finished (``number`` from 1): ``trial_id``,
-    ``status``, ``baseline`` (bool), ``architecture``, ``objective``, ``value`` (the objective of a
-    passed trial, NaN for a penalised one) and ``best``, the lowest value so far of the New-LLM
-    trials (NaN before the first passed one)."""
-    objective = trials["objective"].astype(float).reset_index(drop=True)
-    value = objective.where(status_is(trials, "passed").to_numpy())
-    baseline = is_baseline(trials).to_numpy()
-    architecture = trials["architecture"].to_numpy() if "architecture" in trials else [None] * len(trials)
-    return pd.DataFrame({"number": np.arange(1, len(trials) + 1), "trial_id": trials["trial_id"].to_numpy(),
-                         "status": trials["status"].fillna("error").to_numpy(), "baseline": baseline,
-                         "architecture": architecture, "objective": objective, "value": value,
-                         "best": value.where(~baseline).cummin().ffill()})
 
 
 def hover_names(h: pd.DataFrame) -> pd.Series:
@@ -211,48 +118,6 @@ def history_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figur
 # --- parameter importance ----------------------------------------------------------------
 
 
-def importances(study: optuna.Study, target_quantile: float) -> dict[str, float]:
-    """PED-ANOVA importance (normalised to sum 1) of each parameter for reaching the lowest
-    ``target_quantile`` of the study's values; no scikit-learn needed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its notes about few trials: the captions say so
-        evaluator = PedAnovaImportanceEvaluator(target_quantile=target_quantile)
-        return optuna.importance.get_param_importances(study, evaluator=evaluator)
-
-
-def objective_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]
-                         ) -> tuple[dict[str, float] | None, str]:
-    """Importance of each parameter for a low val perplexity among the passed trials (the good
-    ones: the best TOP_TRIALS, at least a tenth and at most half), or None and why it cannot be
-    computed. New-LLM trials only."""
-    trials = newllm_trials(trials)
-    passed = trials[status_is(trials, "passed")]
-    if not distributions:
-        return None, "no searched parameter varies across the trials"
-    if len(passed) < MIN_IMPORTANCE_TRIALS:
-        return None, f"needs at least {MIN_IMPORTANCE_TRIALS} passed trials, has {len(passed)}"
-    study = rebuild_study(passed, passed["val_ppl"], distributions)
-    return importances(study, min(0.5, max(0.1, TOP_TRIALS / len(passed)))), f"{len(passed)} passed trials"
-
-
-def gate_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]
-                    ) -> tuple[dict[str, float] | None, str]:
-    """Importance of each parameter for passing (status ``passed``) over all trials, or None and
-    why it cannot be computed. The target is 0 for a passed trial and 1 otherwise, and the
-    quantile selects exactly the passed trials. New-LLM trials only (a baseline has no gate)."""
-    trials = newllm_trials(trials)
-    passed = status_is(trials, "passed")
-    k, n = int(passed.sum()), len(trials)
-    if not distributions:
-        return None, "no searched parameter varies across the trials"
-    if n < MIN_IMPORTANCE_TRIALS:
-        return None, f"needs at least {MIN_IMPORTANCE_TRIALS} trials, has {n}"
-    if k in (0, n):
-        return None, f"{'no' if k == 0 else 'every'} trial passed, so nothing separates passing from failing"
-    study = rebuild_study(trials, (~passed).astype(float), distributions)
-    return importances(study, (k - 0.5) / n), f"{k} of {n} trials passed"
-
-
 def importance_figure(objective: dict[str, float] | None, gate: dict[str, float] | None) -> go.Figure:
     """Horizontal bars: each parameter's importance for val perplexity and for passing."""
     names = list(objective or gate)[::-1]  # most important on top
@@ -268,15 +133,6 @@ def importance_figure(objective: dict[str, float] | None, gate: dict[str, float]
 
 
 # --- Pareto front ------------------------------------------------------------------------
-
-
-def pareto_front(points: np.ndarray) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of ``points`` (n x k, every column minimised): a
-    row is dominated when another is <= in every column and < in at least one."""
-    p = np.asarray(points, dtype=float)
-    no_worse = (p[None, :, :] <= p[:, None, :]).all(axis=2)   # [i, j]: j no worse than i everywhere
-    better = (p[None, :, :] < p[:, None, :]).any(axis=2)       # [i, j]: j better than i somewhere
-    return ~(no_worse & better).any(axis=1)
 
 
 def pareto_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure:
@@ -312,36 +168,6 @@ def pareto_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure
 # --- gate map ----------------------------------------------------------------------------
 
 
-def bins(values: pd.Series, distribution: od.BaseDistribution) -> pd.Categorical:
-    """Each value's bin, in order: categories as themselves, numbers taking at most MAX_BINS
-    distinct values each as its own, other numbers in MAX_BINS equal bins of the distribution's
-    range (equal in log for a log distribution)."""
-    if isinstance(distribution, od.CategoricalDistribution):
-        return pd.Categorical(values.map(str), categories=[str(c) for c in distribution.choices], ordered=True)
-    distinct = sorted(values.dropna().unique().tolist())
-    if len(distinct) <= MAX_BINS:
-        return pd.Categorical(values.map(fmt), categories=[fmt(v) for v in distinct], ordered=True)
-    low, high = distribution.low, distribution.high
-    edges = np.geomspace(low, high, MAX_BINS + 1) if distribution.log else np.linspace(low, high, MAX_BINS + 1)
-    labels = [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
-    return pd.cut(values.astype(float), edges, labels=labels, include_lowest=True)
-
-
-def gate_table(trials: pd.DataFrame, name: str, distribution: od.BaseDistribution) -> pd.DataFrame:
-    """Per bin of parameter ``name`` that holds trials: ``trials``, ``passed`` (trials whose
-    Phase 1 passed the gate), ``pass_rate`` and the mean train / val effective-rank fractions
-    (``train_er``, ``val_er``, over the trials that reached the analysis). New-LLM trials only."""
-    trials = newllm_trials(trials)
-    frame = pd.DataFrame({"bin": bins(trials[name], distribution),
-                          "gate": trials["gate_passed"].fillna(False).astype(bool).to_numpy(),
-                          "train_er": trials["train_effective_rank_fraction"].astype(float).to_numpy(),
-                          "val_er": trials["val_effective_rank_fraction"].astype(float).to_numpy()})
-    table = frame.groupby("bin", observed=True).agg(trials=("gate", "size"), passed=("gate", "sum"),
-                                                    train_er=("train_er", "mean"), val_er=("val_er", "mean"))
-    table["pass_rate"] = table.passed / table.trials
-    return table
-
-
 def gate_map_figure(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> go.Figure:
     """One panel per searched parameter: the gate pass rate (bars) and the mean train and val
     effective-rank fractions (markers) per bin, with the gate's thresholds where they are fixed.
@@ -375,25 +201,6 @@ def gate_map_figure(trials: pd.DataFrame, distributions: dict[str, od.BaseDistri
 
 
 # --- training curves ---------------------------------------------------------------------
-
-
-def curves(iterations: pd.DataFrame, phase: str, columns: list[str]) -> pd.DataFrame:
-    """The rows of ``phase``, per trial from its latest attempt that reported that phase (a
-    retried trial does not draw its lost attempt), sorted by trial and step: ``trial_id``,
-    ``step`` and ``columns``."""
-    if iterations.empty or "phase" not in iterations:
-        return pd.DataFrame(columns=["trial_id", "step", *columns])
-    rows = iterations[iterations["phase"] == phase]
-    if "attempt" in rows:
-        rows = rows[rows["attempt"] == rows.groupby("trial_id")["attempt"].transform("max")]
-    keep = ["trial_id", "step", *[c for c in columns if c in rows]]
-    return rows[keep].sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
-
-
-def trial_status(trials: pd.DataFrame, trial_ids) -> list[str]:
-    """Each trial's final status, ``running`` for one with no row in ``trials`` yet."""
-    known = dict(zip(trials["trial_id"], trials["status"].fillna("error"))) if len(trials) else {}
-    return [known.get(t, "running") for t in trial_ids]
 
 
 def curve_style(trial_id: str, status: str, architecture: str | None) -> tuple[str, str, str, str, str]:
@@ -455,16 +262,6 @@ def phase2_figure(iterations: pd.DataFrame, trials: pd.DataFrame) -> go.Figure:
 PHASE_SECONDS = {"phase1_seconds": "Phase 1", "analysis_seconds": "analysis", "phase2_seconds": "Phase 2"}
 
 
-def gate_saving(trials: pd.DataFrame) -> tuple[int, float, float]:
-    """The Phase 2 compute the gate saved, estimated as (gate-failed trials, mean Phase 2 seconds
-    of the passed trials, their product; NaN without a passed trial). New-LLM trials only: a
-    baseline has no gate, and its Phase 2 time is another model's."""
-    trials = newllm_trials(trials)
-    failed = int(status_is(trials, "gate_failed").sum())
-    mean_p2 = float(trials.loc[status_is(trials, "passed"), "phase2_seconds"].astype(float).mean())
-    return failed, mean_p2, failed * mean_p2
-
-
 def time_figure(trials: pd.DataFrame) -> go.Figure:
     """Seconds per phase of each New-LLM trial, stacked, in the order they finished."""
     trials = newllm_trials(trials)
@@ -475,42 +272,3 @@ def time_figure(trials: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="stack", height=max(250, 80 + 22 * len(trials)), margin=dict(t=30),
                       xaxis_title="seconds", yaxis=dict(autorange="reversed", type="category"))
     return fig
-
-
-# --- top trials --------------------------------------------------------------------------
-
-
-RESULT_COLUMNS = ["trial_id", "status", "val_ppl", "val_acc", "num_params", "num_params_non_embedding",
-                  "train_effective_rank_fraction", "val_effective_rank_fraction", "phase1_passes"]
-
-
-def top_trials(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution], n: int = 10) -> pd.DataFrame:
-    """The ``n`` trials of lowest objective (penalised ones last), with results and the searched
-    parameters; with baselines among the trials, the ``n`` best New-LLM trials (the configurations
-    the search is about) and then the best trial of each baseline architecture, with their family
-    and architecture."""
-    baseline = is_baseline(trials)
-    family = ["family", "architecture"] if baseline.any() else []
-    columns = [c for c in dict.fromkeys([*RESULT_COLUMNS[:2], *family, *RESULT_COLUMNS[2:], *distributions])
-               if c in trials]
-    ranked = trials.sort_values("objective", kind="stable", na_position="last")
-    top = ranked[~baseline[ranked.index]].head(n)
-    if baseline.any():
-        top = pd.concat([top, ranked[baseline[ranked.index]].drop_duplicates("architecture")])
-    table = top[columns].reset_index(drop=True)
-    if "replicates" in trials and trials.replicates.gt(1).any():
-        # replicates: the objective is their mean; val_ppl is replicate 0's (the saved model's)
-        spread = [_spread(m, sd, k, r) for m, sd, k, r in
-                  zip(top.val_ppl_mean, top.val_ppl_std, top.replicates_passed, top.replicates)]
-        table.insert(table.columns.get_loc("val_ppl") + 1, "val_ppl mean ± std", spread)
-    return table
-
-
-def _spread(mean, std, passed, replicates) -> str:
-    """A trial's val_ppl over its replicates; empty for a trial without them (one that errored)."""
-    if pd.isna(replicates):
-        return ""
-    if pd.isna(mean):
-        return f"0/{int(replicates)} passed"
-    std = f" ± {std:.2f}" if pd.notna(std) else ""
-    return f"{mean:.2f}{std} ({int(passed)}/{int(replicates)} passed)"

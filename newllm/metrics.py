@@ -43,6 +43,7 @@ def effective_rank(s: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class FixedPointAnalysis:
+    """What the fixed contexts of a token stream look like (the seed's fixed-point analysis)."""
     num_tokens: int
     context_dim: int
     effective_rank: float
@@ -97,6 +98,7 @@ def fixed_point_analysis(contexts: torch.Tensor, num_pairs: int = 1000, seed: in
 
 @dataclass(frozen=True)
 class GateResult:
+    """The gate's verdict on a Phase 1 run, and why."""
     passed: bool
     reason: str
 

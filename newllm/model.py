@@ -32,6 +32,7 @@ Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The shape of a New-LLM: vocabulary, context, embedding and hidden sizes, layers."""
     vocab_size: int
     context_dim: int = 256
     embed_dim: int = 256
@@ -80,6 +81,8 @@ class ResidualBlock(nn.Module):
 
 
 class GatedBlock(nn.Module):
+    """Seed 000's context update: an LSTM-like gated cell over [context, token embedding]."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.context_dim, self.hidden_dim = cfg.context_dim, cfg.hidden_dim

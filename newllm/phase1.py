@@ -251,6 +251,7 @@ def loss_and_output_grad(outputs: torch.Tensor, targets: torch.Tensor, w: float,
 
 @dataclass(frozen=True)
 class PassRecord:
+    """One Phase 1 pass: its losses, converged ratio and effective rank."""
     pass_index: int
     loss: float
     cvfp_loss: float
@@ -341,6 +342,7 @@ def run_passes(model: NewLLM, e: torch.Tensor, previous: torch.Tensor, cfg: Trai
 
 @dataclass
 class Phase1Result:
+    """Phase 1's passes, why it stopped and how long it took."""
     history: list[PassRecord]
     stop_reason: StopReason
     seconds: float
@@ -356,6 +358,7 @@ class Phase1Result:
 
 
 def embedded_streams(model: NewLLM, ids: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The token embeddings of ``ids`` as the [B, L, E] streams Phase 1 reads (no gradient)."""
     with torch.no_grad():
         return as_streams(model.embed(ids), num_streams(len(ids), cfg))
 

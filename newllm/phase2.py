@@ -60,6 +60,7 @@ GRAD_CLIP = 1.0
 
 @dataclass(frozen=True)
 class EpochRecord:
+    """One Phase 2 epoch: train and val losses, val perplexity and accuracy."""
     epoch: int
     train_loss: float
     val_loss: float
@@ -111,6 +112,7 @@ class Phase2State:
 
 
 def perplexity(loss: float) -> float:
+    """exp(loss), or inf where it would overflow (a diverged run)."""
     return math.exp(loss) if loss < MAX_EXP_LOSS else math.inf
 
 

@@ -88,6 +88,7 @@ def replicates_summary(summaries: list[dict]) -> dict:
 
 @dataclass
 class TrainResult:
+    """One run's outcome: status, sizes, both phases, the analysis and the gate."""
     config: TrainConfig
     status: Status
     num_params: int
@@ -220,6 +221,7 @@ def reporter(result: TrainResult, on_epoch: Callable[[EpochReport], None] | None
 
 
 def phase1_record(p1: Phase1Result) -> dict:
+    """Phase 1's result as a checkpoint keeps it (its contexts left out)."""
     return {"history": [r.to_dict() for r in p1.history], "stop_reason": p1.stop_reason, "seconds": p1.seconds}
 
 

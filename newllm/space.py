@@ -109,6 +109,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def default_baseline_params() -> dict[str, od.BaseDistribution]:
+    """What a baseline searches when the space does not say: its learning rate."""
     types = field_types()
     return {name: _distribution(name, spec, types[name], "DEFAULT_BASELINE_PARAMS")
             for name, spec in DEFAULT_BASELINE_PARAMS.items()}
@@ -125,6 +126,8 @@ class Baselines:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """A search space as loaded and checked: searched distributions, fixed settings, data,
+    objectives, points to try first, repeats and baselines."""
     path: str
     params: dict[str, od.BaseDistribution]
     fixed: dict[str, object]

@@ -35,6 +35,7 @@ def _banner(title: str) -> None:
 
 
 def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str, threads: int) -> None:
+    """The run's model, phases and data, as the seed prints them before training."""
     if cfg.family == "baseline":
         print_baseline_configuration(cfg, data_cfg, data, device, threads)
         return
@@ -56,6 +57,8 @@ def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData,
 
 
 def print_data(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str, threads: int) -> None:
+    """The data section: source, documents, tokens, vocabulary, device, threads, and the settings
+    the architecture ignores."""
     print("\nData Settings:")
     print(f"   Source: {data_cfg.source}  ({data.num_train_docs} train / {data.num_val_docs} val documents)")
     print(f"   Tokens: {len(data.train_ids):,} train / {len(data.val_ids):,} val, vocab {data.vocab_size}")
@@ -67,6 +70,7 @@ def print_data(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: 
 
 def print_baseline_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData, device: str,
                                  threads: int) -> None:
+    """A baseline run's model and Phase 2 settings, and the New-LLM settings it ignores."""
     _banner(f"Baseline: {cfg.architecture} language model, trained end to end (no Phase 1, no gate)")
     print(f"   Layers: {cfg.num_layers}\n   Embed dim: {cfg.embed_dim}\n   Hidden dim: {cfg.hidden_dim}")
     if cfg.architecture == "transformer":
@@ -76,16 +80,19 @@ def print_baseline_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: T
 
 
 def print_phase1_header() -> None:
+    """The banner before the Phase 1 passes."""
     _banner("PHASE 1: FIXED-POINT CONTEXT LEARNING")
 
 
 def print_pass(r: PassRecord) -> None:
+    """One Phase 1 pass: losses, converged ratio, effective rank."""
     print(f"  Pass {r.pass_index}: Loss={r.loss:.6f} (CVFP={r.cvfp_loss:.6f}, Dist={r.dist_loss:.6f}), "
           f"Converged={r.converged_ratio:.1%}, ER={r.effective_rank:.2f} ({r.effective_rank_fraction:.0%}), "
           f"lr={r.lr:g}, {r.seconds:.2f}s", flush=True)
 
 
 def print_analysis(title: str, a: FixedPointAnalysis) -> None:
+    """The fixed-point analysis of one stream's contexts."""
     _banner(f"FIXED-POINT ANALYSIS ({title})")
     ok, bad = "OK", "FAIL"
     print("1. Global Attractor Detection:")
@@ -105,6 +112,7 @@ def print_analysis(title: str, a: FixedPointAnalysis) -> None:
 
 
 def print_epoch(r: EpochRecord) -> None:
+    """One Phase 2 epoch: train and val loss, val perplexity and accuracy."""
     print(f"  Epoch {r.epoch}: train_loss={r.train_loss:.4f}, val_loss={r.val_loss:.4f}, "
           f"val_ppl={r.val_ppl:.2f}, val_acc={r.val_acc:.1%}, {r.seconds:.2f}s", flush=True)
 
@@ -155,6 +163,7 @@ def print_result(result) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The seed's flags, the data flags and --seed, --threads, --out, --force."""
     parser = argparse.ArgumentParser(prog="python -m newllm.train", description="One New-LLM run: Phase 1 (CVFP), gate, Phase 2.")
     add_train_arguments(parser)
     add_data_arguments(parser)
@@ -180,6 +189,7 @@ def check_device(device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: check everything, train one run, print it, save its summary and checkpoint."""
     args = parse_args(argv)
     try:
         cfg = train_config_from_args(args)

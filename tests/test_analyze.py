@@ -18,6 +18,18 @@ from plotly.offline import get_plotlyjs
 
 from newllm import analyze, figures
 from newllm.experiment import load
+from newllm.trials import (
+    curves,
+    gate_importance,
+    gate_saving,
+    gate_table,
+    history,
+    infer_distributions,
+    objective_importance,
+    pareto_front,
+    top_trials,
+    trial_status,
+)
 
 PENALTY = {"gate_failed": 1.5e6, "diverged": 1e7}
 
@@ -58,7 +70,7 @@ def test_infer_distributions_from_config_columns():
     trials = make_trials(context_dim=[8, 16, 16], embed_dim=[8, 8, 8], hidden_dim=[16, 24, 24],
                          num_layers=[1, 3, 2], dist_reg_weight=[0.1, 0.5, 0.3], architecture=["gated", "residual",
                          "gated"], freeze_context=[True, False, True], phase2_lr=[1e-3] * 3)
-    d = figures.infer_distributions(trials)
+    d = infer_distributions(trials)
     # varying columns only; hidden_dim follows context_dim + embed_dim, so it was not searched
     assert set(d) == {"context_dim", "num_layers", "dist_reg_weight", "architecture", "freeze_context"}
     assert d["num_layers"] == od.IntDistribution(1, 3)
@@ -66,7 +78,7 @@ def test_infer_distributions_from_config_columns():
     assert d["architecture"] == od.CategoricalDistribution(["gated", "residual"])
     assert d["freeze_context"] == od.CategoricalDistribution([False, True])
     # a searched hidden_dim is a parameter
-    assert "hidden_dim" in figures.infer_distributions(trials.assign(hidden_dim=[16, 32, 20]))
+    assert "hidden_dim" in infer_distributions(trials.assign(hidden_dim=[16, 32, 20]))
 
 
 def test_one_deciding_parameter_ranks_first_in_importance():
@@ -83,13 +95,13 @@ def test_one_deciding_parameter_ranks_first_in_importance():
     space = {"dist_reg_weight": od.FloatDistribution(0, 1), "num_layers": od.IntDistribution(1, 4),
              "architecture": od.CategoricalDistribution(["gated", "residual"]),
              "context_dim": od.CategoricalDistribution([8, 16, 32])}
-    objective, why = figures.objective_importance(trials, space)
+    objective, why = objective_importance(trials, space)
     assert list(objective)[0] == "dist_reg_weight" and objective["dist_reg_weight"] > 0.5, objective
     assert why == f"{(status == 'passed').sum()} passed trials"
-    gate, _ = figures.gate_importance(trials, space)
+    gate, _ = gate_importance(trials, space)
     assert list(gate)[0] == "context_dim" and gate["context_dim"] > 0.5, gate
     # the same from distributions inferred from the columns
-    assert list(figures.objective_importance(trials, figures.infer_distributions(trials))[0])[0] == "dist_reg_weight"
+    assert list(objective_importance(trials, infer_distributions(trials))[0])[0] == "dist_reg_weight"
     fig = figures.importance_figure(objective, gate)
     assert [t.name for t in fig.data] == ["val perplexity (passed trials)", "passing (all trials)"]
     assert fig.data[0].y[-1] == "dist_reg_weight"  # most important drawn on top
@@ -98,21 +110,21 @@ def test_one_deciding_parameter_ranks_first_in_importance():
 def test_importance_with_too_few_trials_says_why():
     space = {"dist_reg_weight": od.FloatDistribution(0, 1)}
     trials = make_trials(status=["passed", "gate_failed", "passed"], dist_reg_weight=[0.1, 0.2, 0.3])
-    assert figures.objective_importance(trials, space) == (None, "needs at least 4 passed trials, has 2")
-    assert figures.gate_importance(trials, space) == (None, "needs at least 4 trials, has 3")
+    assert objective_importance(trials, space) == (None, "needs at least 4 passed trials, has 2")
+    assert gate_importance(trials, space) == (None, "needs at least 4 trials, has 3")
     all_passed = make_trials(dist_reg_weight=[0.1, 0.2, 0.3, 0.4, 0.5])
-    values, why = figures.gate_importance(all_passed, space)
+    values, why = gate_importance(all_passed, space)
     assert values is None and "every trial passed" in why
-    assert figures.objective_importance(all_passed, {})[0] is None
+    assert objective_importance(all_passed, {})[0] is None
 
 
 def test_pareto_front_is_the_non_dominated_points():
     points = np.array([[1, 9], [2, 5], [3, 5], [4, 1], [5, 4], [2, 5], [6, 1], [1, 10], [3, 3]])
     # [3,5] is dominated by [2,5] (equal in one, better in the other); [2,5] twice: neither dominates
     # the other; [6,1] by [4,1]; [1,10] by [1,9]; [5,4] by [4,1]
-    assert figures.pareto_front(points).tolist() == [True, True, False, True, False, True, False, False, True]
+    assert pareto_front(points).tolist() == [True, True, False, True, False, True, False, False, True]
     by_brute_force = [not any((q <= p).all() and (q < p).any() for q in points) for p in points]
-    assert figures.pareto_front(points).tolist() == by_brute_force
+    assert pareto_front(points).tolist() == by_brute_force
     trials = make_trials(status=["passed", "passed", "passed", "gate_failed"], val_ppl=[60, 50, 70, 10],
                          num_params=[100, 200, 300, 50])
     fig = figures.pareto_figure(trials)
@@ -130,14 +142,14 @@ def test_gate_map_reproduces_pass_rates_counted_by_hand():
     trials = make_trials(status=status, context_dim=context, train_effective_rank_fraction=er,
                          dist_reg_weight=weight)
     space = {"context_dim": od.CategoricalDistribution([8, 16, 32]), "dist_reg_weight": od.FloatDistribution(0, 1)}
-    table = figures.gate_table(trials, "context_dim", space["context_dim"])
+    table = gate_table(trials, "context_dim", space["context_dim"])
     assert list(table.index) == ["8", "16", "32"]
     assert table.trials.tolist() == [4, 2, 3] and table.passed.tolist() == [1, 2, 0]
     assert table.pass_rate.tolist() == [0.25, 1.0, 0.0]
     assert table.train_er.tolist() == pytest.approx([0.2, 0.5, 0.1])
     # 0..1 in five bins: 0-0.2 holds 0.05, 0.15 (1 of 2 passed), 0.2-0.4: 0.25, 0.35 (0 of 2), 0.4-0.6: 0.45, 0.55
     # (2 of 2), 0.6-0.8: 0.65, 0.75 (0 of 2), 0.8-1: 0.95 (0 of 1)
-    table = figures.gate_table(trials, "dist_reg_weight", space["dist_reg_weight"])
+    table = gate_table(trials, "dist_reg_weight", space["dist_reg_weight"])
     assert table.trials.tolist() == [2, 2, 2, 2, 1] and table.pass_rate.tolist() == [0.5, 0.0, 1.0, 0.0, 0.0]
     fig = figures.gate_map_figure(trials, space)
     bars = [t for t in fig.data if t.type == "bar"]
@@ -147,7 +159,7 @@ def test_gate_map_reproduces_pass_rates_counted_by_hand():
 def test_history_has_one_point_per_trial_with_penalised_ones_apart():
     status = ["passed", "gate_failed", "passed", "diverged", "passed", "gate_failed"]
     trials = make_trials(status=status, val_ppl=[80, 0, 60, 0, 70, 0])
-    h = figures.history(trials)
+    h = history(trials)
     assert h.number.tolist() == [1, 2, 3, 4, 5, 6]
     assert h.value.isna().tolist() == [s != "passed" for s in status]
     assert h.best.tolist() == [80, 80, 60, 60, 60, 60]
@@ -165,17 +177,17 @@ def test_curves_keep_each_trials_latest_attempt():
             ("a", 2, "phase1", 1, 0.7), ("a", 2, "phase2", 1, 0.0),
             ("b", 1, "phase1", 2, 0.9), ("b", 1, "phase1", 1, 0.8)]
     iterations = pd.DataFrame(rows, columns=["trial_id", "attempt", "phase", "step", "converged_ratio"])
-    c = figures.curves(iterations, "phase1", ["converged_ratio"])
+    c = curves(iterations, "phase1", ["converged_ratio"])
     assert c.values.tolist() == [["a", 1, 0.7], ["b", 1, 0.8], ["b", 2, 0.9]]
     trials = make_trials(status=["gate_failed"]).assign(trial_id=["b"])
-    assert figures.trial_status(trials, ["a", "b"]) == ["running", "gate_failed"]
+    assert trial_status(trials, ["a", "b"]) == ["running", "gate_failed"]
 
 
 def test_gate_saving_as_print_summary_estimates_it():
     trials = make_trials(status=["passed", "gate_failed", "passed", "gate_failed", "gate_failed"],
                          phase2_seconds=[3.0, np.nan, 5.0, np.nan, np.nan])
-    assert figures.gate_saving(trials) == (3, 4.0, 12.0)
-    failed, mean, saved = figures.gate_saving(make_trials(status=["gate_failed"]))
+    assert gate_saving(trials) == (3, 4.0, 12.0)
+    failed, mean, saved = gate_saving(make_trials(status=["gate_failed"]))
     assert failed == 1 and math.isnan(mean) and math.isnan(saved)
 
 
@@ -258,19 +270,75 @@ def test_summary_names_the_best_newllm_trial_the_comparison_and_the_floors():
                    "The gate skipped no Phase 2."]
 
 
+def test_summary_gives_the_best_trials_replicates_after_it():
+    replicates = dict(replicates=pd.array([3, 3], dtype="Int64"), replicates_passed=pd.array([2, 3], dtype="Int64"),
+                      val_ppl_mean=[61.5, 70.0], val_ppl_std=[1.25, 0.5])
+    lines = analyze.summary(make_trials(val_ppl=[60, 70], **replicates), pd.DataFrame(), {})
+    assert lines[1].startswith("Best trial t000: val_ppl 60.00")
+    assert lines[2] == ("  over its 3 replicates (seeds): objective 60.00, val_ppl 61.50 ± 1.25 over the 2 that "
+                        "passed; the figures above are replicate 0's, the saved model's")
+    # no spread without a std; no line for a trial of one replicate
+    one = analyze.summary(make_trials(val_ppl=[60, 70], **{**replicates, "val_ppl_std": [np.nan, 0.5]}),
+                          pd.DataFrame(), {})
+    assert one[2].startswith("  over its 3 replicates (seeds): objective 60.00, val_ppl 61.50 over the 2 that")
+    single = {**replicates, "replicates": pd.array([1, 1], dtype="Int64")}
+    assert not any("replicates" in line for line in analyze.summary(make_trials(val_ppl=[60, 70], **single),
+                                                                     pd.DataFrame(), {}))
+
+
+def test_summary_counts_the_trials_asha_stopped_by_family_where_there_are_baselines():
+    stopped = dict(phase2_stop_reason=pd.array(["scheduler", None, "max_epochs", "scheduler"], dtype="string"),
+                   phase2_epochs_run=pd.array([2, None, 5, 3], dtype="Int64"))
+    lines = analyze.summary(make_trials(status=["passed", "gate_failed", "passed", "passed"], **stopped),
+                            pd.DataFrame(), {})
+    assert lines[-2] == ("ASHA stopped Phase 2 of 2 passed trials early, after 5 epochs in all; their val_ppl is their "
+                         "best epoch's, which their checkpoints hold")
+    assert lines[-1] == analyze.gate_saving_line(make_trials(status=["passed", "gate_failed", "passed", "passed"]))
+    reasons = ["scheduler", None, "scheduler", "scheduler", None, None, "scheduler", "scheduler", None, "max_epochs"]
+    lines = analyze.summary(with_baselines(phase2_stop_reason=pd.array(reasons, dtype="string"),
+                                           phase2_epochs_run=pd.array([1, None, 2, 3, None, 5, 1, 4, None, 2],
+                                                                      dtype="Int64")), pd.DataFrame(), {})
+    assert lines[4] == ("ASHA stopped Phase 2 of 5 passed trials early (3 newllm, 2 baseline), after 11 epochs in all; "
+                        "their val_ppl is their best epoch's, which their checkpoints hold")
+    assert lines[3] == analyze.comparison_line(with_baselines()) and lines[5].startswith("The gate skipped")
+    never = analyze.summary(make_trials(val_ppl=[60, 70], phase2_stop_reason=pd.array(["max_epochs", None],
+                                                                                      dtype="string")),
+                            pd.DataFrame(), {})
+    assert not any(line.startswith("ASHA") for line in never)
+
+
+def test_trials_table_text_is_by_objective_with_the_searched_columns():
+    trials = make_trials(status=["passed", "gate_failed", "passed", "diverged"], val_ppl=[70, 0, 60.125, 0],
+                         context_dim=[8, 16, 32, 8], phase2_epochs_run=pd.array([4, None, 5, None], dtype="Int64"))
+    text = analyze.trials_table_text(trials, ["context_dim", "not_in_the_table"], None)
+    header, *rows = text.splitlines()
+    assert header.split() == ["trial_id", "status", "context_dim", "phase1_passes", "train_effective_rank_fraction",
+                              "phase2_epochs_run", "val_ppl", "objective"]
+    assert [row.split()[0] for row in rows] == ["t002", "t000", "t001", "t003"]
+    assert rows[0].split()[-2:] == ["60.12", "60.12"] and rows[2].split()[-1] == "1.5e+06"  # 4 significant digits
+    # with baselines: each trial's architecture after its status, then size and the baselines' parameters
+    trials = with_baselines(hidden_size=[None] * 6 + [64, 32, 64, 16])
+    header, *rows = analyze.trials_table_text(trials, ["context_dim"], ["hidden_size", "context_dim"]).splitlines()
+    assert header.split() == ["trial_id", "status", "architecture", "context_dim", "phase1_passes",
+                              "train_effective_rank_fraction", "val_ppl", "objective", "num_params_non_embedding",
+                              "hidden_size"]
+    assert [row.split()[0] for row in rows] == ["t007", "t006", "t002", "t003", "t009", "t000", "t005", "t001",
+                                                "t004", "t008"]
+
+
 def test_figures_of_newllm_only_ignore_the_baselines():
     trials = with_baselines()
     newllm = trials.iloc[:6]
-    space = figures.infer_distributions(trials)
-    assert space == figures.infer_distributions(newllm)
+    space = infer_distributions(trials)
+    assert space == infer_distributions(newllm)
     assert space["architecture"] == od.CategoricalDistribution(["gated", "residual"])  # no "lstm"
     for name, distribution in space.items():
-        pd.testing.assert_frame_equal(figures.gate_table(trials, name, distribution),
-                                      figures.gate_table(newllm, name, distribution))
+        pd.testing.assert_frame_equal(gate_table(trials, name, distribution),
+                                      gate_table(newllm, name, distribution))
     # 4 New-LLM trials passed; with the baselines counted it would be 7 of 10
-    assert figures.gate_importance(trials, space)[1] == "4 of 6 trials passed"
-    assert figures.objective_importance(trials, space)[1] == "4 passed trials"
-    assert figures.gate_saving(trials) == figures.gate_saving(newllm)
+    assert gate_importance(trials, space)[1] == "4 of 6 trials passed"
+    assert objective_importance(trials, space)[1] == "4 passed trials"
+    assert gate_saving(trials) == gate_saving(newllm)
     bars = [t for t in figures.gate_map_figure(trials, space).data if t.type == "bar"]
     assert sum(int(n.split("/")[1]) for n in bars[0].text) == 6
     assert [set(t.y) for t in figures.time_figure(trials).data] == [set(newllm.trial_id)] * 3
@@ -278,7 +346,7 @@ def test_figures_of_newllm_only_ignore_the_baselines():
 
 def test_history_and_pareto_draw_baselines_apart_and_the_floors():
     trials = with_baselines()
-    h = figures.history(trials)
+    h = history(trials)
     assert h.best.tolist() == [90, 90, 80, 80, 80, 80, 80, 80, 80, 80]  # New-LLM's: the GRU's 70 does not count
     fig = figures.history_figure(trials, FLOORS)
     markers = {t.name: list(t.x) for t in fig.data if t.mode == "markers"}
@@ -337,12 +405,12 @@ def test_report_with_baselines_and_floors(tmp_path, capsys):
                                     "Phase 1 (CVFP)", "Phase 2", "Time per phase", "Top trials"]
     assert "non-embedding parameter count" in html and '"name":"lstm (baseline)"' in html
     assert "unigram floor 400" in html and "<th>family</th>" in html and "<th>non-embedding params</th>" in html
-    table = figures.top_trials(trials, {})
+    table = top_trials(trials, {})
     assert list(table.columns[:4]) == ["trial_id", "status", "family", "architecture"]
     # the New-LLM trials first (the configurations searched), then the best of each baseline architecture
     assert table.trial_id.tolist() == ["t002", "t003", "t000", "t005", "t001", "t004", "t007", "t006", "t008"]
     assert "then the best trial of each baseline architecture" in html
-    assert "family" not in figures.top_trials(make_trials(val_ppl=[60, 70]), {})
+    assert "family" not in top_trials(make_trials(val_ppl=[60, 70]), {})
 
 
 # --- the report of a real search ------------------------------------------------------------

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 from newllm import experiment
-from newllm.search import storage
 
 GATE_OPEN = "gate_train_er: 0.0\n  gate_val_er: 0.0"  # every trial that does not diverge runs Phase 2
 

@@ -5,7 +5,6 @@ memory, save/load through the Auto classes, training with ``Trainer``, and
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from tokenizers import Tokenizer
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from newllm import experiment, export
+from newllm import experiment as exp
+from newllm import export
 from newllm.checkpoint import load_model, save_model
 from newllm.data import END_OF_TEXT, builtin_documents, train_tokenizer
 from newllm.model import ModelConfig, NewLLM
@@ -320,7 +320,7 @@ def test_export_needs_exactly_one_of_trial_and_best(tmp_path, experiment, capsys
 
 @pytest.mark.slow
 def test_export_of_a_tiny_search_loads_and_generates(tmp_path, tiny_search):
-    trials, _ = experiment.load(tiny_search.directory)
+    trials, _ = exp.load(tiny_search.directory)
     best = trials[trials.status == "passed"].sort_values("objective").iloc[0]
     # a moved and renamed experiment: its checkpoint paths are relative to it
     moved = tmp_path / "elsewhere" / "renamed"

@@ -91,6 +91,7 @@ def kind(config: dict) -> str:
 
 
 def kinds(space: SearchSpace) -> list[str]:
+    """The kinds of trial a search of ``space`` runs: New-LLM, then each baseline architecture."""
     return [NEWLLM, *(space.baselines.architectures if space.baselines else ())]
 
 

@@ -203,6 +203,7 @@ class ParquetResults(Callback):
 
 
 def versions() -> dict:
+    """The versions a trial's row records, so a result can be traced to the code that made it."""
     return {"newllm_version": __version__, "torch_version": torch.__version__,
             "ray_version": ray.__version__, "optuna_version": optuna.__version__}
 

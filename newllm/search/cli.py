@@ -22,18 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import ray
 from ray import tune
 
 from newllm import __version__
-from newllm.analyze import comparison_line, gate_saving_line, write_report
+from newllm.analyze import summary, trials_table_text, write_report
 from newllm.config import SEED_MAX, add_data_arguments, data_config_from_args, data_flags, family_fields
 from newllm.data import DataConfig, prepare_data
-from newllm.experiment import LOCK_FILE, SPACE_FILE, best_newllm_trial, experiment_dir, load
-from newllm.figures import fmt
+from newllm.experiment import ITERATIONS_FILE, LOCK_FILE, SPACE_FILE, TRIALS_FILE, experiment_dir, load
 from newllm.floors import floors, floors_line, record_floors, recorded_floors
-from newllm.search.algorithms import NEWLLM, SearchRun, run_search, study_names
+from newllm.search.algorithms import SearchRun, run_search, study_names
 from newllm.search.lock import ExperimentHeld, ExperimentLock
 from newllm.search.storage import (
     check_optuna_storage,
@@ -53,6 +51,7 @@ RESOURCE_POLL_SECONDS = 1.0
 ADDRESS_TIMEOUT_SECONDS = 10.0
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, the data flags of ``newllm.train`` among them (their defaults None: the space's)."""
     p = argparse.ArgumentParser(
         prog="python -m newllm.search",
         description="Ray Tune + Optuna search over New-LLM configurations (Phase 1 CVFP, gate, Phase 2).",
@@ -127,48 +126,13 @@ def default_name(space: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def print_summary(directory: str, space: SearchSpace) -> None:
-    """The end-of-search table, best configuration and the gate's saving, from trials.parquet."""
-    trials, _ = load(directory)
-    searched = list(space.params)
-    family = trials.family if "family" in trials else pd.Series(NEWLLM, index=trials.index)
-    cols = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction", "phase2_epochs_run",
-            "val_ppl", "objective"]
-    if space.baselines is not None:  # the baselines' own columns, after their architecture
-        cols = [*cols[:2], "architecture", *cols[2:], "num_params_non_embedding", *space.baselines.params]
-        cols = list(dict.fromkeys(cols))
-    table = trials.sort_values("objective")[[c for c in cols if c in trials]]
-    with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
-        print("\n" + table.to_string(index=False))
-    print(f"\n{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in trials.status.value_counts().items()))
-    best = best_newllm_trial(trials)
-    if best is not None:
-        print(f"Best New-LLM trial {best.trial_id}: val_ppl {best.val_ppl:.2f}, val_acc {best.val_acc:.1%}, "
-              f"{int(best.num_params):,} parameters")
-        if best.replicates > 1:
-            spread = f" ± {best.val_ppl_std:.2f}" if pd.notna(best.val_ppl_std) else ""
-            print(f"  over its {best.replicates} replicates (seeds): objective {best.objective:.2f}, val_ppl "
-                  f"{best.val_ppl_mean:.2f}{spread} over the {best.replicates_passed} that passed; the figures "
-                  f"above are replicate 0's, the saved model's")
-        print("Best configuration: " + ", ".join(f"{k}={fmt(best[k])}" for k in searched))
-
-    else:
-        print("No New-LLM trial passed the gate: no best configuration.")
-    stopped = trials[trials.phase2_stop_reason == "scheduler"]
-    if len(stopped):
-        of = f" ({', '.join(f'{n} {f}' for f, n in family[stopped.index].value_counts().items())})" \
-            if space.baselines is not None else ""
-        print(f"ASHA stopped Phase 2 of {len(stopped)} passed trials early{of}, after "
-              f"{int(stopped.phase2_epochs_run.sum())} epochs in all; their val_ppl is their best epoch's, which "
-              f"their checkpoints hold")
-    print(gate_saving_line(trials))
-    comparison = comparison_line(trials)
-    if comparison:
-        print(comparison)
-    if floor_values := recorded_floors(directory):
-        print(floors_line(floor_values))
-    print(f"Results: {directory}/trials.parquet, {directory}/iterations.parquet "
-          f"(newllm.experiment.load({directory!r}))")
+def print_summary(exp_dir: str, space: SearchSpace) -> None:
+    """The end-of-search table of trials, then the lines the report opens with (``analyze.summary``)."""
+    trials, iterations = load(exp_dir)
+    baseline_params = None if space.baselines is None else list(space.baselines.params)
+    print("\n" + trials_table_text(trials, list(space.params), baseline_params) + "\n")
+    print("\n".join(summary(trials, iterations, space.params, recorded_floors(exp_dir))))
+    print(f"Results: {exp_dir}/{TRIALS_FILE}, {exp_dir}/{ITERATIONS_FILE} (newllm.experiment.load({exp_dir!r}))")
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -319,6 +283,7 @@ def fault_line(error: OSError, exp_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: exit code 0 when every trial finished, 2 for a usage error, 1 for an I/O fault, 130 on Ctrl+C."""
     args = build_parser().parse_args(argv)
     try:
         return checked_main(args)

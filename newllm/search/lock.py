@@ -64,6 +64,7 @@ class Holder:
 
 
 def held_message(directory: str, holder: Holder | None) -> str:
+    """Why a second driver cannot start: who holds the experiment, and what to do."""
     who = holder.describe() if holder else "a driver that has not yet written its name"
     return (f"experiment {directory} is held by another driver ({who}): wait for it to finish, or stop it "
             f"and pass --resume; two drivers on one experiment would lose each other's results")

@@ -29,6 +29,7 @@ class StorageError(ValueError):
 
 
 def storage_root(path: str) -> str:
+    """``--storage-path`` as Tune takes it: a URI as given, a local path made absolute."""
     return path if "://" in path else str(Path(path).resolve())
 
 

@@ -1,0 +1,333 @@
+"""The queries a search's report and summary make of its trials and iterations tables
+(``newllm.results.load``): pure pandas / Optuna functions, no figure drawn.
+
+Each figure of ``newllm.figures`` and each line of ``newllm.analyze.summary`` takes its numbers
+from one of these, so tests check the numbers without drawing, and the report, the search's
+end-of-search summary and ``newllm.export`` agree on them (one best New-LLM trial,
+``best_newllm_trial``).
+
+A trial is New-LLM's or a baseline's (``family == "baseline"``: an LSTM, GRU or transformer
+trained end to end, with no Phase 1, gate or New-LLM configuration); the queries about Phase 1,
+the gate and the searched parameters read the New-LLM trials only. Penalised trials (gate failed,
+diverged, errored) have no perplexity: only their 1e6 / 1e7 objective. Sizes are compared on the
+non-embedding parameter count (``sizes``). Optuna's importance evaluators run on a study rebuilt
+from the table (``rebuild_study``) with the space's distributions, or, for an experiment that
+recorded none, distributions inferred from the trials' configuration columns
+(``infer_distributions``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import optuna
+import optuna.distributions as od
+import pandas as pd
+from optuna.importance import PedAnovaImportanceEvaluator
+
+from newllm.config import field_types
+
+PENALISED = ("gate_failed", "diverged", "error")
+MIN_IMPORTANCE_TRIALS = 4  # fewer trials give no meaningful importance
+TOP_TRIALS = 5             # PED-ANOVA's "good" trials: at least this many where the trials allow
+MAX_BINS = 5               # a numeric parameter's bins in the gate map
+
+
+def fmt(value) -> str:
+    """A number short (4 significant digits), anything else as itself."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- which trials ------------------------------------------------------------------------
+
+
+def status_is(trials: pd.DataFrame, status: str) -> pd.Series:
+    """Boolean mask of the trials with ``status`` (a null status is no status)."""
+    return trials["status"].eq(status).fillna(False).astype(bool)
+
+
+def is_baseline(trials: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the baseline trials (an experiment without a ``family`` column has none)."""
+    if "family" not in trials:
+        return pd.Series(False, index=trials.index)
+    return trials["family"].eq("baseline").fillna(False).astype(bool)
+
+
+def newllm_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The New-LLM trials: the only ones with a Phase 1, a gate and New-LLM's configuration."""
+    return trials[~is_baseline(trials)]
+
+
+def best_newllm_trial(trials: pd.DataFrame) -> pd.Series | None:
+    """The best New-LLM trial: the passed one with the lowest objective (the first written among
+    equals); None when none passed. Export's ``--best``, the search's summary and the report all
+    mean this one."""
+    newllm = newllm_trials(trials)
+    passed = newllm[status_is(newllm, "passed")]
+    return None if passed.empty else passed.sort_values("objective", kind="stable").iloc[0]
+
+
+def baseline_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The baseline trials (LSTM, GRU, transformer trained end to end), New-LLM's yardstick."""
+    return trials[is_baseline(trials)]
+
+
+# --- families and sizes ------------------------------------------------------------------
+
+
+def sizes(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's size as sizes are compared: ``num_params_non_embedding`` (every parameter but
+    the embedding tables, nanoGPT's convention), ``num_params`` where an experiment (or a row)
+    predates it."""
+    if "num_params_non_embedding" not in trials:
+        return trials["num_params"].astype(float)
+    return trials["num_params_non_embedding"].astype(float).fillna(trials["num_params"].astype(float))
+
+
+def size_label(trials: pd.DataFrame) -> str:
+    """What ``sizes`` counts, as an axis title."""
+    return "non-embedding parameters" if "num_params_non_embedding" in trials else "parameters"
+
+
+def by_architecture(baselines: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Baseline rows per architecture, by name (none without rows: an old table has no
+    ``architecture`` to group by)."""
+    return list(baselines.groupby("architecture", sort=True)) if len(baselines) else []
+
+
+# --- the study, rebuilt ------------------------------------------------------------------
+
+
+def infer_distributions(trials: pd.DataFrame) -> dict[str, od.BaseDistribution]:
+    """The searched parameters as far as the trials show them: every TrainConfig column whose
+    value varies across trials, numeric over its observed min..max, strings and booleans as
+    categories. ``hidden_dim`` is left out where it is ``context_dim + embed_dim`` in every
+    trial: the space's rule when it is not searched, so it follows the searched dimensions.
+    New-LLM trials only: a baseline's architecture and null configuration are no searched value."""
+    trials = newllm_trials(trials)
+    derived_hidden = {"hidden_dim", "context_dim", "embed_dim"} <= set(trials) and \
+        (trials.hidden_dim == trials.context_dim + trials.embed_dim).all()
+    distributions: dict[str, od.BaseDistribution] = {}
+    for name, kind in field_types().items():
+        if name not in trials or (name == "hidden_dim" and derived_hidden):
+            continue
+        values = trials[name].dropna()
+        if values.nunique() < 2:
+            continue
+        if kind in (bool, str):
+            distributions[name] = od.CategoricalDistribution(sorted(values.unique().tolist(), key=str))
+        elif kind is int:
+            distributions[name] = od.IntDistribution(int(values.min()), int(values.max()))
+        else:
+            distributions[name] = od.FloatDistribution(float(values.min()), float(values.max()))
+    return distributions
+
+
+def rebuild_study(trials: pd.DataFrame, values: pd.Series,
+                  distributions: dict[str, od.BaseDistribution]) -> optuna.Study:
+    """A minimising in-memory study with one completed trial per row of ``trials`` whose value
+    (``values``, aligned with ``trials``) is finite, its parameters read from the columns."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        study = optuna.create_study(direction="minimize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    frozen = []
+    for (_, row), value in zip(trials.iterrows(), values):
+        if pd.isna(value) or not math.isfinite(value):
+            continue
+        params = {name: _python(row[name]) for name in distributions if name in row and pd.notna(row[name])}
+        frozen.append(optuna.trial.create_trial(value=float(value), params=params,
+                                                distributions={k: distributions[k] for k in params}))
+    study.add_trials(frozen)
+    return study
+
+
+def _python(value):
+    """A table cell as the plain Python value Optuna's distributions hold."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# --- optimisation history ---------------------------------------------------------------
+
+
+def history(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial, in the order they finished (``number`` from 1): ``trial_id``,
+    ``status``, ``baseline`` (bool), ``architecture``, ``objective``, ``value`` (the objective of a
+    passed trial, NaN for a penalised one) and ``best``, the lowest value so far of the New-LLM
+    trials (NaN before the first passed one)."""
+    objective = trials["objective"].astype(float).reset_index(drop=True)
+    value = objective.where(status_is(trials, "passed").to_numpy())
+    baseline = is_baseline(trials).to_numpy()
+    architecture = trials["architecture"].to_numpy() if "architecture" in trials else [None] * len(trials)
+    return pd.DataFrame({"number": np.arange(1, len(trials) + 1), "trial_id": trials["trial_id"].to_numpy(),
+                         "status": trials["status"].fillna("error").to_numpy(), "baseline": baseline,
+                         "architecture": architecture, "objective": objective, "value": value,
+                         "best": value.where(~baseline).cummin().ffill()})
+
+
+# --- parameter importance ----------------------------------------------------------------
+
+
+def importances(study: optuna.Study, target_quantile: float) -> dict[str, float]:
+    """PED-ANOVA importance (normalised to sum 1) of each parameter for reaching the lowest
+    ``target_quantile`` of the study's values; no scikit-learn needed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notes about few trials: the captions say so
+        evaluator = PedAnovaImportanceEvaluator(target_quantile=target_quantile)
+        return optuna.importance.get_param_importances(study, evaluator=evaluator)
+
+
+def objective_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]
+                         ) -> tuple[dict[str, float] | None, str]:
+    """Importance of each parameter for a low val perplexity among the passed trials (the good
+    ones: the best TOP_TRIALS, at least a tenth and at most half), or None and why it cannot be
+    computed. New-LLM trials only."""
+    trials = newllm_trials(trials)
+    passed = trials[status_is(trials, "passed")]
+    if not distributions:
+        return None, "no searched parameter varies across the trials"
+    if len(passed) < MIN_IMPORTANCE_TRIALS:
+        return None, f"needs at least {MIN_IMPORTANCE_TRIALS} passed trials, has {len(passed)}"
+    study = rebuild_study(passed, passed["val_ppl"], distributions)
+    return importances(study, min(0.5, max(0.1, TOP_TRIALS / len(passed)))), f"{len(passed)} passed trials"
+
+
+def gate_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]
+                    ) -> tuple[dict[str, float] | None, str]:
+    """Importance of each parameter for passing (status ``passed``) over all trials, or None and
+    why it cannot be computed. The target is 0 for a passed trial and 1 otherwise, and the
+    quantile selects exactly the passed trials. New-LLM trials only (a baseline has no gate)."""
+    trials = newllm_trials(trials)
+    passed = status_is(trials, "passed")
+    k, n = int(passed.sum()), len(trials)
+    if not distributions:
+        return None, "no searched parameter varies across the trials"
+    if n < MIN_IMPORTANCE_TRIALS:
+        return None, f"needs at least {MIN_IMPORTANCE_TRIALS} trials, has {n}"
+    if k in (0, n):
+        return None, f"{'no' if k == 0 else 'every'} trial passed, so nothing separates passing from failing"
+    study = rebuild_study(trials, (~passed).astype(float), distributions)
+    return importances(study, (k - 0.5) / n), f"{k} of {n} trials passed"
+
+
+# --- Pareto front ------------------------------------------------------------------------
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of ``points`` (n x k, every column minimised): a
+    row is dominated when another is <= in every column and < in at least one."""
+    p = np.asarray(points, dtype=float)
+    no_worse = (p[None, :, :] <= p[:, None, :]).all(axis=2)   # [i, j]: j no worse than i everywhere
+    better = (p[None, :, :] < p[:, None, :]).any(axis=2)       # [i, j]: j better than i somewhere
+    return ~(no_worse & better).any(axis=1)
+
+
+# --- gate map ----------------------------------------------------------------------------
+
+
+def bins(values: pd.Series, distribution: od.BaseDistribution) -> pd.Categorical:
+    """Each value's bin, in order: categories as themselves, numbers taking at most MAX_BINS
+    distinct values each as its own, other numbers in MAX_BINS equal bins of the distribution's
+    range (equal in log for a log distribution)."""
+    if isinstance(distribution, od.CategoricalDistribution):
+        return pd.Categorical(values.map(str), categories=[str(c) for c in distribution.choices], ordered=True)
+    distinct = sorted(values.dropna().unique().tolist())
+    if len(distinct) <= MAX_BINS:
+        return pd.Categorical(values.map(fmt), categories=[fmt(v) for v in distinct], ordered=True)
+    low, high = distribution.low, distribution.high
+    edges = np.geomspace(low, high, MAX_BINS + 1) if distribution.log else np.linspace(low, high, MAX_BINS + 1)
+    labels = [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
+    return pd.cut(values.astype(float), edges, labels=labels, include_lowest=True)
+
+
+def gate_table(trials: pd.DataFrame, name: str, distribution: od.BaseDistribution) -> pd.DataFrame:
+    """Per bin of parameter ``name`` that holds trials: ``trials``, ``passed`` (trials whose
+    Phase 1 passed the gate), ``pass_rate`` and the mean train / val effective-rank fractions
+    (``train_er``, ``val_er``, over the trials that reached the analysis). New-LLM trials only."""
+    trials = newllm_trials(trials)
+    frame = pd.DataFrame({"bin": bins(trials[name], distribution),
+                          "gate": trials["gate_passed"].fillna(False).astype(bool).to_numpy(),
+                          "train_er": trials["train_effective_rank_fraction"].astype(float).to_numpy(),
+                          "val_er": trials["val_effective_rank_fraction"].astype(float).to_numpy()})
+    table = frame.groupby("bin", observed=True).agg(trials=("gate", "size"), passed=("gate", "sum"),
+                                                    train_er=("train_er", "mean"), val_er=("val_er", "mean"))
+    table["pass_rate"] = table.passed / table.trials
+    return table
+
+
+# --- training curves ---------------------------------------------------------------------
+
+
+def curves(iterations: pd.DataFrame, phase: str, columns: list[str]) -> pd.DataFrame:
+    """The rows of ``phase``, per trial from its latest attempt that reported that phase (a
+    retried trial does not draw its lost attempt), sorted by trial and step: ``trial_id``,
+    ``step`` and ``columns``."""
+    if iterations.empty or "phase" not in iterations:
+        return pd.DataFrame(columns=["trial_id", "step", *columns])
+    rows = iterations[iterations["phase"] == phase]
+    if "attempt" in rows:
+        rows = rows[rows["attempt"] == rows.groupby("trial_id")["attempt"].transform("max")]
+    keep = ["trial_id", "step", *[c for c in columns if c in rows]]
+    return rows[keep].sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def trial_status(trials: pd.DataFrame, trial_ids) -> list[str]:
+    """Each trial's final status, ``running`` for one with no row in ``trials`` yet."""
+    known = dict(zip(trials["trial_id"], trials["status"].fillna("error"))) if len(trials) else {}
+    return [known.get(t, "running") for t in trial_ids]
+
+
+# --- the gate's saving -------------------------------------------------------------------
+
+
+def gate_saving(trials: pd.DataFrame) -> tuple[int, float, float]:
+    """The Phase 2 compute the gate saved, estimated as (gate-failed trials, mean Phase 2 seconds
+    of the passed trials, their product; NaN without a passed trial). New-LLM trials only: a
+    baseline has no gate, and its Phase 2 time is another model's."""
+    trials = newllm_trials(trials)
+    failed = int(status_is(trials, "gate_failed").sum())
+    mean_p2 = float(trials.loc[status_is(trials, "passed"), "phase2_seconds"].astype(float).mean())
+    return failed, mean_p2, failed * mean_p2
+
+
+# --- top trials --------------------------------------------------------------------------
+
+
+RESULT_COLUMNS = ["trial_id", "status", "val_ppl", "val_acc", "num_params", "num_params_non_embedding",
+                  "train_effective_rank_fraction", "val_effective_rank_fraction", "phase1_passes"]
+
+
+def top_trials(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution], n: int = 10) -> pd.DataFrame:
+    """The ``n`` trials of lowest objective (penalised ones last), with results and the searched
+    parameters; with baselines among the trials, the ``n`` best New-LLM trials (the configurations
+    the search is about) and then the best trial of each baseline architecture, with their family
+    and architecture."""
+    baseline = is_baseline(trials)
+    family = ["family", "architecture"] if baseline.any() else []
+    columns = [c for c in dict.fromkeys([*RESULT_COLUMNS[:2], *family, *RESULT_COLUMNS[2:], *distributions])
+               if c in trials]
+    ranked = trials.sort_values("objective", kind="stable", na_position="last")
+    top = ranked[~baseline[ranked.index]].head(n)
+    if baseline.any():
+        top = pd.concat([top, ranked[baseline[ranked.index]].drop_duplicates("architecture")])
+    table = top[columns].reset_index(drop=True)
+    if "replicates" in trials and trials.replicates.gt(1).any():
+        # replicates: the objective is their mean; val_ppl is replicate 0's (the saved model's)
+        spread = [_spread(m, sd, k, r) for m, sd, k, r in
+                  zip(top.val_ppl_mean, top.val_ppl_std, top.replicates_passed, top.replicates)]
+        table.insert(table.columns.get_loc("val_ppl") + 1, "val_ppl mean ± std", spread)
+    return table
+
+
+def _spread(mean, std, passed, replicates) -> str:
+    """A trial's val_ppl over its replicates; empty for a trial without them (one that errored)."""
+    if pd.isna(replicates):
+        return ""
+    if pd.isna(mean):
+        return f"0/{int(replicates)} passed"
+    std = f" ± {std:.2f}" if pd.notna(std) else ""
+    return f"{mean:.2f}{std} ({int(passed)}/{int(replicates)} passed)"

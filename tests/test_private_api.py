@@ -1,0 +1,36 @@
+"""The private attributes of Ray Tune and Optuna that newllm relies on, pinned: no public API
+gives them (``newllm.search.algorithms``), so this fails on the version that renames one, before
+a resumed or relocated search would break in a user's hands."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.distributions import FloatDistribution
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from newllm.search.algorithms import StudySearch
+
+
+def test_optuna_search_keeps_its_study_trials_and_storage_where_study_search_reads_them(tmp_path):
+    storage, sampler = optuna.storages.InMemoryStorage(), optuna.samplers.TPESampler(seed=0)
+    searcher = StudySearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="min",
+                           sampler=sampler, study_name="pinned", storage=storage)
+    assert isinstance(searcher, OptunaSearch)
+    searcher.suggest("t1")
+    ot_trial = searcher._ot_trials["t1"]
+    assert isinstance(ot_trial, optuna.trial.Trial) and isinstance(ot_trial._trial_id, int)
+    assert isinstance(searcher._ot_study, optuna.Study) and searcher._ot_study._storage is storage
+    assert (searcher._study_name, searcher._storage, searcher._sampler) == ("pinned", storage, sampler)
+    assert searcher._completed_trials == set()
+    searcher.on_trial_complete("t1", {"objective": 1.0})
+    assert searcher._completed_trials == {"t1"}
+    assert storage.get_trial(ot_trial._trial_id).state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_tuner_keeps_its_run_and_tune_configs_where_run_search_replaces_them(tmp_path):
+    callbacks = [tune.Callback()]
+    tuner = tune.Tuner(lambda config: None, tune_config=tune.TuneConfig(num_samples=1),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=callbacks))
+    assert tuner._local_tuner._run_config.callbacks == callbacks
+    assert tuner._local_tuner._tune_config.num_samples == 1 and hasattr(tuner._local_tuner._tune_config, "search_alg")
