@@ -401,7 +401,7 @@ def build_report(directory: str | os.PathLike,
     trials, iterations = read_experiment(directory)
     if distributions is None:
         distributions = recorded_distributions(str(directory))
-    if distributions is None:  # an experiment of an earlier newllm: from the trials' configurations
+    if distributions is None:  # none recorded (deleted, or a table made by hand): from the trials
         distributions = infer_distributions(trials) if len(trials) else {}
     floors = recorded_floors(str(directory))
     d = str(directory).rstrip("/")

@@ -1,5 +1,5 @@
 """The queries a search's report and summary make of its trials and iterations tables
-(``newllm.results.load``): pure pandas / Optuna functions, no figure drawn.
+(``newllm.experiment.load``): pure pandas / Optuna functions, no figure drawn.
 
 Each figure of ``newllm.figures`` and each line of ``newllm.analyze.summary`` takes its numbers
 from one of these, so tests check the numbers without drawing, and the report, the search's

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import ray
@@ -298,3 +299,14 @@ def test_the_laptop_search_shows_the_gate(tmp_path):
     failed = trials[trials.status == "gate_failed"]
     assert ((failed.train_effective_rank_fraction < failed.gate_train_er)
             | (failed.val_effective_rank_fraction < failed.gate_val_er)).all()
+
+
+def test_a_resume_fails_the_optuna_trials_a_killed_driver_left_running():
+    studies = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="s", storage=studies)
+    study.ask()  # left running
+    finished = study.ask()
+    study.tell(finished, 1.0)
+    storage.fail_left_running(studies, "s")
+    storage.fail_left_running(studies, "no such study")  # a driver killed before it made the study
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]

@@ -201,13 +201,13 @@ def fail_left_running(storage: optuna.storages.BaseStorage, name: str) -> None:
     """Mark FAIL the trials of study ``name`` that a killed driver left RUNNING, so that the
     sampler stops treating them as pending. The Tune trials behind them run on after the resume,
     and StudySearch gives Optuna their results then."""
-
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
+        study_id = storage.get_study_id_from_name(name)
     except KeyError:  # a driver killed before it made the study
         return
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
 
 
 def prune_checkpoints(exp_dir: str) -> int:
