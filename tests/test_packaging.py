@@ -188,7 +188,7 @@ def test_cluster_readme_walkthrough_runs_as_written(tmp_path, ray_env):
         assert walk.returncode == 0, walk.stdout[-4000:] + walk.stderr[-4000:]
     finally:
         subprocess.run([ray, "stop"], check=False, env=env, capture_output=True, timeout=120)
-    (experiment,) = (tmp_path / "res").iterdir()
-    trials, _ = experiment.load(experiment)
+    (exp_dir,) = (tmp_path / "res").iterdir()
+    trials, _ = experiment.load(exp_dir)
     assert len(trials) == num_trials and set(trials.status) <= {"passed", "gate_failed"}
     assert all(t in walk.stdout for t in trials.trial_id)  # the block's own read of the results printed them
