@@ -213,7 +213,7 @@ class EpochReport:
     state: Phase2State | None    # New-LLM's, when best; a baseline restarts instead
 
 
-def reporter(result: TrainResult, on_epoch: Callable[[EpochReport], None] | None) -> Callable[[EpochEnd], None] | None:
+def epoch_callback(result: TrainResult, on_epoch: Callable[[EpochReport], None] | None) -> Callable[[EpochEnd], None] | None:
     """``fit``'s ``on_epoch`` for ``result``'s run: each epoch to ``on_epoch`` as an ``EpochReport``."""
     if on_epoch is None:
         return None
@@ -301,7 +301,8 @@ def train_run(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume
     if cfg.skip_phase2:
         return result
 
-    phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=reporter(result, on_epoch), resume=phase2_state)
+    phase2 = train_phase2(model, train_fixed, val_ids, cfg, on_epoch=epoch_callback(result, on_epoch),
+                          resume=phase2_state)
     result.phase2_done(phase2, stream_metrics(model, val_ids))
     if not cfg.freeze_context:
         t0 = time.perf_counter()
@@ -323,7 +324,7 @@ def train_baseline_run(cfg: TrainConfig, data: TokenData, model: BaselineLM, *,
     result = TrainResult(cfg, "passed", model.num_params(), model.num_params(non_embedding=True), None)
     phase2 = train_baseline(model, train_ids, val_ids, lr=cfg.phase2_lr, epochs=cfg.phase2_epochs,
                             patience=cfg.phase2_patience, batch_size=cfg.phase2_batch_size, bptt=cfg.phase2_bptt,
-                            seed=cfg.seed, on_epoch=reporter(result, on_epoch))
+                            seed=cfg.seed, on_epoch=epoch_callback(result, on_epoch))
     result.phase2_done(phase2, baseline_stream_metrics(model, val_ids))
     return result
 

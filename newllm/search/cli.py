@@ -2,7 +2,8 @@
 with ``--baselines`` over LSTM, GRU and transformer baselines at matched sizes.
 
 Everything is checked before anything starts (exit code 2, nothing written): options, the
-search-space file, the data. Data is prepared once here in the driver and shared with the
+search-space file, the data, the experiment and its storages (``plan_search``); then the driver
+claims the experiment (``newllm.search.lock``) and runs it (``algorithms.run_search``). Data is prepared once here in the driver and shared with the
 trials through Ray's object store. Each finished trial lands in
 ``<storage>/<name>/trials.parquet`` and every reported row in ``iterations.parquet``.
 Run it locally, or inside ``ray job submit`` where it attaches to the cluster.
@@ -49,6 +50,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_MAX = 100
 RESOURCE_POLL_SECONDS = 1.0
 ADDRESS_TIMEOUT_SECONDS = 10.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags, the data flags of ``newllm.train`` among them (their defaults None: the space's)."""
@@ -124,15 +126,6 @@ def default_name(space: str) -> str:
     """``<space file stem>-<time>``, with the stem's unsafe characters replaced."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(space).stem).lstrip("._-")[:NAME_MAX - 16] or "search"
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def print_summary(exp_dir: str, space: SearchSpace) -> None:
-    """The end-of-search table of trials, then the lines the report opens with (``analyze.summary``)."""
-    trials, iterations = load(exp_dir)
-    baseline_params = None if space.baselines is None else list(space.baselines.params)
-    print("\n" + trials_table_text(trials, list(space.params), baseline_params) + "\n")
-    print("\n".join(summary(trials, iterations, space.params, recorded_floors(exp_dir))))
-    print(f"Results: {exp_dir}/{TRIALS_FILE}, {exp_dir}/{ITERATIONS_FILE} (newllm.experiment.load({exp_dir!r}))")
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -363,6 +356,15 @@ def run_claimed(args: argparse.Namespace, run: SearchRun, data_floors: dict) -> 
     print_summary(exp_dir, space)
     print(f"Report: {write_report(exp_dir, distributions=space.params)}")
     return 0
+
+
+def print_summary(exp_dir: str, space: SearchSpace) -> None:
+    """The end-of-search table of trials, then the lines the report opens with (``analyze.summary``)."""
+    trials, iterations = load(exp_dir)
+    baseline_params = None if space.baselines is None else list(space.baselines.params)
+    print("\n" + trials_table_text(trials, list(space.params), baseline_params) + "\n")
+    print("\n".join(summary(trials, iterations, space.params, recorded_floors(exp_dir))))
+    print(f"Results: {exp_dir}/{TRIALS_FILE}, {exp_dir}/{ITERATIONS_FILE} (newllm.experiment.load({exp_dir!r}))")
 
 
 def baselines_line(space: SearchSpace, num_trials: int) -> str:

@@ -120,7 +120,7 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resum
     model_info = {"family": cfg.family, "architecture": cfg.architecture, "num_params": model.num_params(),
                   "num_params_non_embedding": model.num_params(non_embedding=True)}
 
-    def report(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
+    def send_row(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report({"phase": phase, "step": step, "replicate": replicate, **model_info, **where, **row},
                     checkpoint=checkpoint)
@@ -130,29 +130,29 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resum
                    **checkpoint_record(result, state))
 
     def on_pass(r: PassRecord) -> None:
-        report("phase1", r.pass_index, {**r.to_dict(),
+        send_row("phase1", r.pass_index, {**r.to_dict(),
                "objective": objective("gate_failed", train_er_fraction=r.effective_rank_fraction)})
 
     def on_gate(result: TrainResult) -> None:
         row = {**result.summary(), "objective": objective(
             "gate_failed", train_er_fraction=result.train_analysis.effective_rank_fraction)}
         if resume is not None:  # its checkpoint holds these weights already
-            report("analysis", 0, row)
+            send_row("analysis", 0, row)
             return
         with tempfile.TemporaryDirectory() as d:
             save(d, result)
-            report("analysis", 0, row, d)
+            send_row("analysis", 0, row, d)
 
     def on_epoch(epoch: EpochReport) -> None:
         stopped = epoch.if_stopped
         row = {**epoch.record.to_dict(), "phase2_epoch": epoch.record.epoch, "objective": stopped.objective,
                "if_stopped": replicates_summary([*kept["replicates"], stopped.summary()])}
         if not epoch.best:
-            report("phase2", epoch.record.epoch, row)
+            send_row("phase2", epoch.record.epoch, row)
             return
         # the best epoch so far: its weights are what a scheduler's stop leaves this trial with
         with tempfile.TemporaryDirectory() as d:
             save(d, stopped, epoch.state)
-            report("phase2", epoch.record.epoch, row, d)
+            send_row("phase2", epoch.record.epoch, row, d)
 
     return train_run(cfg, data, model, resume=resume, on_pass=on_pass, on_gate=on_gate, on_epoch=on_epoch).summary()
