@@ -760,6 +760,20 @@ def test_a_damaged_part_file_on_resume_is_named_and_nothing_changes(tiny_search,
     assert snapshot(experiment) == before
 
 
+def test_a_resume_of_an_experiment_an_earlier_newllm_started_is_one_line(tiny_search, tmp_path, capsys):
+    experiment = tmp_path / "res" / "tiny"
+    shutil.copytree(tiny_search.directory, experiment)
+    # as saved by a newllm whose Tune callback lived in newllm.results (same length: the pickle's frames hold)
+    tuner = experiment / "tuner.pkl"
+    assert b"newllm.search.callbacks" in tuner.read_bytes()
+    tuner.write_bytes(tuner.read_bytes().replace(b"newllm.search.callbacks", b"newllm.results.callback"))
+    before = snapshot(experiment)
+    assert cli.main(["--resume", "--name", "tiny", "--storage-path", str(tmp_path / "res"), "--local"]) == 2
+    assert_one_error(capsys.readouterr().err, "was started by an earlier newllm",
+                     "No module named 'newllm.results'", "start a new --name")
+    assert snapshot(experiment) == before
+
+
 def test_an_address_where_no_ray_listens_is_refused_not_waited_for(tmp_path, tiny_space, capsys):
     port = free_port()  # nothing listens there
     code = cli.main(["--space", tiny_space(), "--name", "x", "--storage-path", str(tmp_path / "res"),

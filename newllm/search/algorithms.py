@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
+import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 
 import optuna
 import optuna.distributions as od
+import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -301,6 +305,63 @@ class SearchRun:
     def trials_at_once(self) -> int:
         """``concurrency``, or as many trials as the cluster's CPUs fit (Ray must be up)."""
         return self.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cpus_per_trial)
+
+
+class _Anything:
+    """Stands in for every object of a saved state that ``missing_code`` reads: nothing is built."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __call__(self, *args, **kwargs) -> _Anything:
+        return _Anything()
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _NewllmNames(pickle.Unpickler):
+    """Reads a pickle only to check that each newllm class or function it names still exists."""
+
+    def find_class(self, module: str, name: str):
+        if module == "newllm" or module.startswith("newllm."):
+            super().find_class(module, name)  # ImportError or AttributeError when this newllm lacks it
+        return _Anything
+
+    def persistent_load(self, pid) -> _Anything:
+        return _Anything()
+
+
+def missing_code(exp_dir: str) -> str | None:
+    """Why Tune cannot restore the experiment at ``exp_dir`` with this newllm, or None: its saved
+    state (``tuner.pkl``, ``searcher-state-*.pkl``) names newllm classes by their module, and a
+    state saved by an earlier newllm may name ones that have since moved. Checked without
+    building anything, so before Ray starts."""
+    fs, path = filesystem(exp_dir)
+    selector = pyarrow.fs.FileSelector(path, allow_not_found=True)
+    saved = sorted(i.path for i in fs.get_file_info(selector)
+                   if i.base_name == "tuner.pkl" or re.fullmatch(r"searcher-state-.*\.pkl", i.base_name))
+    for file in saved:
+        with fs.open_input_file(file) as f:
+            try:
+                _NewllmNames(io.BytesIO(f.read())).load()
+            except (ImportError, AttributeError) as e:
+                return f"{os.path.basename(file)}: {e}"
+            except Exception:  # damage, not a question of versions: Tune's restore reports it
+                continue
+    return None
 
 
 def run_search(run: SearchRun) -> bool:

@@ -32,7 +32,7 @@ from newllm.config import SEED_MAX, add_data_arguments, data_config_from_args, d
 from newllm.data import DataConfig, prepare_data
 from newllm.experiment import ITERATIONS_FILE, LOCK_FILE, SPACE_FILE, TRIALS_FILE, experiment_dir, load
 from newllm.floors import floors, floors_line, record_floors, recorded_floors
-from newllm.search.algorithms import SearchRun, run_search, study_names
+from newllm.search.algorithms import SearchRun, missing_code, run_search, study_names
 from newllm.search.lock import ExperimentHeld, ExperimentLock
 from newllm.search.storage import (
     check_optuna_storage,
@@ -153,6 +153,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--resume: no experiment to continue at {exp_dir}")
     if not args.resume and (exists or has_content(exp_dir)):
         raise ValueError(f"experiment {exp_dir} exists: pass --resume to continue it, or choose another --name")
+    if args.resume and exists and (why := missing_code(exp_dir)):
+        raise ValueError(f"experiment {exp_dir} was started by an earlier newllm, whose saved search state this "
+                         f"one cannot read ({why}): start a new --name; its landed trials stay readable with "
+                         f"newllm.experiment.load")
     if args.resume:
         with contextlib.suppress(FileNotFoundError):  # (no row reported yet)
             load(exp_dir)  # every part file readable (ValueError naming a damaged one) before Tune appends
