@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,38 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def expected_seconds(item: pytest.Item) -> float:
+    """How long a test takes on 2 cores, about: ``slow(seconds=...)`` says it; a slow test
+    without, SLOW_SECONDS; any other, none to speak of."""
+    slow = item.get_closest_marker("slow")
+    return 0.0 if slow is None else slow.kwargs.get("seconds", SLOW_SECONDS)
+
+
+SLOW_SECONDS = 30
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # longest first: run side by side (pytest -n 2), the short ones fill in at the end; a test
+    # that runs alone last, when the other worker has at most a short test left to finish
+    items.sort(key=lambda item: (item.get_closest_marker("alone") is None, expected_seconds(item)), reverse=True)
+
+
+# Every test holds this file shared while it runs (its fixtures included), a test marked
+# ``alone`` holds it exclusive: that test stops every Ray on this machine (``ray stop``), so no
+# other test, in this session or in another one beside it, runs meanwhile.
+RAY_STOP_LOCK = Path(tempfile.gettempdir()) / "newllm-tests-ray-stop.lock"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    with open(RAY_STOP_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ def assert_raw_rows_unique(trials: pd.DataFrame, iterations: pd.DataFrame, num_t
     assert set(iterations.trial_id) <= set(trials.trial_id)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_job_submit_runs_trials_on_both_worker_nodes(ray_cluster, tiny_space, tmp_path):
     storage = tmp_path / "res"
     # newllm as installed on every node (no --working-dir: the nodes of this one-machine cluster share
@@ -82,7 +82,7 @@ def phase2_trial(directory: Path, driver: subprocess.Popen, timeout: float) -> p
     raise AssertionError(f"no trial reached Phase 2 in {timeout:.0f}s:\n{driver.stdout.read()[-3000:]}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_lost_node_trial_retries_from_its_phase1_checkpoint(ray_cluster, tiny_space, tmp_path):
     # a long Phase 2, so that the node is lost while the trial runs on it
     space = tiny_space(f"{GATE_OPEN}\n  phase2_epochs: 12\n  phase2_patience: 12")
@@ -146,7 +146,7 @@ def assert_no_ray_left(ray_tmp: Path, timeout: float = 60) -> None:
     assert not ray_processes(ray_tmp), "the killed --local driver left Ray processes behind"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=110)
 def test_sigkilled_driver_resumes_with_every_trial_once(tiny_space, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="nk", dir="/tmp"))  # short: Ray's socket paths must fit
     env = {**os.environ, "NEWLLM_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": str(ray_tmp),

@@ -19,6 +19,9 @@ from newllm.data import DataConfig, prepare_data
 from newllm.run import SUMMARY_DTYPES, build_model, train_run
 from newllm.space import MATCHED, Baselines, SpaceError, load_space, parse_space, resolve_space
 
+# one worker runs this module under pytest -n: its module fixture runs one search, once
+pytestmark = pytest.mark.xdist_group("compare")
+
 # the tiny space of the search tests, its gate open, with a point and baselines
 COMPARE_SPACE = TINY_SPACE % "gate_train_er: 0.0\n  gate_val_er: 0.0" + """
 points:

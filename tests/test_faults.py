@@ -509,7 +509,7 @@ def assert_study_matches_table(experiment: Path, name: str) -> None:
 # --- one driver per experiment -------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_two_drivers_at_once_one_runs_and_a_killed_holders_cut_journal_resumes(tmp_path, tiny_space, driver):
     args = ["--local", "--space", tiny_space(GATE_OPEN), "--name", "two", "--storage-path", str(tmp_path / "res")]
     first, second = driver.start(*args), driver.start(*args)
@@ -604,7 +604,7 @@ def test_a_cut_journal_is_repaired_and_a_whole_last_record_kept(tmp_path):
 # --- a moved experiment ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_ctrl_c_stops_cleanly_and_the_copied_experiment_resumes_and_exports_from_its_new_place(
         tmp_path, tiny_space, driver):
     old, new = tmp_path / "old", tmp_path / "new"

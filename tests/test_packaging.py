@@ -74,7 +74,7 @@ def test_builtin_spaces_resolve_from_the_package(tmp_path, monkeypatch):
         load_space(resolve_space("no_such_space"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_wheel_runs_the_laptop_search_outside_the_checkout(tmp_path, ray_env):
     src, wheels, venv, away = (tmp_path / d for d in ("src", "wheels", "venv", "away"))
     shutil.copytree(REPO, src, ignore=NOT_SOURCES)  # a clean tree: no stale build/ in the checkout
@@ -164,12 +164,13 @@ def test_cluster_files_pin_one_ray_version_and_one_image():
     assert images == {yaml.safe_load((CLUSTER / "cluster.yaml").read_text())["docker"]["image"]}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
+@pytest.mark.alone
 def test_cluster_readme_walkthrough_runs_as_written(tmp_path, ray_env):
     """Runs the marked bash block of cluster/README.md from the repository root, as a user would
     after the quick start, with free ports and a results directory in tmp through the block's
     own variables. Its last line and this test's cleanup are ``ray stop``, which stops every Ray
-    on this machine: do not run this test next to other Ray work."""
+    on this machine: it runs alone."""
     ray = REPO / ".venv" / "bin" / "ray"
     if not ray.exists():
         pytest.skip("the walk-through runs in the quick start's .venv inside the checkout")

@@ -19,6 +19,9 @@ from newllm.phase2 import stream_metrics
 from newllm.run import EpochReport, build_model, checkpoint_record, resume_from, train_run
 from newllm.space import load_space
 
+# one worker runs this module under pytest -n: its module fixture runs one search, once
+pytestmark = pytest.mark.xdist_group("scheduler")
+
 STOP_SPACE = """
 num_trials: 3
 params:

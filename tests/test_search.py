@@ -115,7 +115,7 @@ def test_bad_options_exit_2(tmp_path, capsys, args, message):
     assert not (tmp_path / "res").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path, tiny_space):
     space = tiny_space("phase1_min_iter: 4")
     args = [sys.executable, "-m", "newllm.search", "--local", "--space", space, "--name", "r",
@@ -145,7 +145,7 @@ def test_local_storage_on_a_multi_node_cluster_is_warned_not_refused(tmp_path):
     assert warning.startswith("warning: --storage-path") and str(tmp_path) in warning and "3 nodes" in warning
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 def test_a_reused_actor_leaks_no_state_between_trials(tmp_path):
     # one configuration, two trials one after the other: the second runs in the first's actor
     space = tmp_path / "same.yaml"
@@ -226,7 +226,7 @@ def test_an_experiment_on_object_storage_keeps_its_study_beside_the_driver(tmp_p
     assert storage.optuna_storage(None, "n", local) == f"{tmp_path}/n/{experiment.OPTUNA_JOURNAL}"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_mean(tmp_path, tiny_space, capsys):
     import math
 
@@ -265,7 +265,7 @@ def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_me
     assert "val_ppl mean ± std" in (tmp_path / "res" / "reps" / analyze.REPORT_FILE).read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=180)
 def test_the_laptop_search_shows_the_gate_and_its_optuna_study_is_live_during_it(tmp_path):
     """The README's main command (the laptop space, seed 0): some trials collapse in Phase 1 and
     fail the gate, most pass. Its Optuna study is readable while the driver runs, as by
