@@ -442,9 +442,13 @@ class TrialFailureFilter(logging.Filter):
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's console lines that newllm says better: its interruption lines name its Python API
-    (main prints the command that resumes), and a failed trial's traceback is one line."""
+    (main prints the command that resumes), a failed trial's traceback is one line, and its
+    configuration table and TensorBoard hint (which Tune's newer console output prints whatever
+    ``verbose`` says; the older one is silent at ``verbose=0``) repeat what the search printed."""
     tune_log, controller_log = logging.getLogger("ray.tune.tune"), logging.getLogger("ray.tune.execution.tune_controller")
     level, failures = tune_log.level, TrialFailureFilter()
+    new_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tune_log.setLevel(logging.CRITICAL)
     controller_log.addFilter(failures)
     try:
@@ -452,6 +456,10 @@ def quiet_tune():
     finally:
         tune_log.setLevel(level)
         controller_log.removeFilter(failures)
+        if new_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = new_output
 
 
 def landed_results(exp_dir: str, space: SearchSpace) -> dict[str, dict]:
