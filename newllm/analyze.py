@@ -53,6 +53,7 @@ from newllm.trials import (
     rebuild_study,
     size_label,
     sizes,
+    slice_sample,
     status_is,
     top_trials,
 )
@@ -264,10 +265,7 @@ def sections(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict
                          "dashed and dotted lines: the gate's train and val thresholds.",
                          figures.gate_map_figure(trials, distributions))
                  if distributions else Section("Gate map", "", body=_note(NO_PARAMS)))
-    which = "New-LLM trial (baselines have no Phase 1)" if is_baseline(trials).any() else "trial"
-    return [*parts, *curve_parts, Section("Time per phase", "Seconds of Phase 1, fixed-point analysis and Phase 2 per "
-                                     f"{which}. " + gate_saving_line(trials), figures.time_figure(trials)),
-            top_section(trials, distributions)]
+    return [*parts, *curve_parts, time_section(trials), top_section(trials, distributions)]
 
 
 NO_PARAMS = "No searched parameter varies across the trials, so there is nothing to compare."
@@ -313,16 +311,33 @@ def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDis
     return Section("Parameter importance", caption, figures.importance_figure(objective, gate))
 
 
+MAX_SLICE_TRIALS = 2000
+
+
 def slice_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
     """Optuna's slice plot of the passed New-LLM trials' val perplexity."""
     newllm = newllm_trials(trials)
     passed = newllm[status_is(newllm, "passed")]
-    fig = optuna.visualization.plot_slice(rebuild_study(passed, passed["val_ppl"], distributions),
+    # tens of thousands of markers would take a browser longer to draw than the rest of the report
+    drawn = slice_sample(passed, MAX_SLICE_TRIALS)
+    fig = optuna.visualization.plot_slice(rebuild_study(drawn, drawn["val_ppl"], distributions),
                                           target_name="val perplexity")
     fig.update_layout(title=None, margin=dict(t=30))
     fig.update_traces(marker=dict(size=9, line=dict(width=1, color="#555555")))  # the first trials are near white
-    return Section("Val perplexity against each parameter", "Optuna's slice plot of the passed trials: each "
+    which = "the passed trials" if len(drawn) == len(passed) else (
+        f"{len(drawn):,} of the {len(passed):,} passed trials (the {MAX_SLICE_TRIALS // 10:,} of lowest val "
+        "perplexity and a seeded random draw of the others)")
+    return Section("Val perplexity against each parameter", f"Optuna's slice plot of {which}: each "
                    "parameter's value against the trial's val perplexity, darker = later trial.", fig)
+
+
+def drawn_line(iterations: pd.DataFrame, phase: str) -> str:
+    """What a curves figure draws when it has more trials than lines (``figures.curves_figure``)."""
+    n = curves(iterations, phase, [])["trial_id"].nunique()
+    if n <= figures.MAX_CURVES:
+        return ""
+    return (f" Lines: the {figures.MAX_CURVES} trials of lowest objective; grey shading: where the curves of all "
+            f"{n:,} trials lie (darker: more trials; values above the 99th percentile in the top bin).")
 
 
 def phase1_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
@@ -330,7 +345,8 @@ def phase1_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
     if curves(iterations, "phase1", []).empty:
         return Section("Phase 1 (CVFP)", "", body=_note("No Phase 1 pass has been reported."))
     return Section("Phase 1 (CVFP)", "Each trial's converged ratio and effective rank (fraction of C) per Phase 1 "
-                   "pass, coloured by the trial's status.", figures.phase1_figure(iterations, trials))
+                   "pass, coloured by the trial's status." + drawn_line(iterations, "phase1"),
+                   figures.phase1_figure(iterations, trials))
 
 
 def phase2_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
@@ -339,8 +355,18 @@ def phase2_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
         return Section("Phase 2", "", body=_note("No trial has reached Phase 2."))
     return Section("Phase 2", "Val perplexity per Phase 2 epoch of each trial that passed the gate, coloured by the "
                    "trial's status." + extras(trials, None, "Baselines (trained end to end, every epoch a Phase 2 "
-                                              "epoch): dashed, coloured by architecture."),
-                   figures.phase2_figure(iterations, trials))
+                                              "epoch): dashed, coloured by architecture.")
+                   + drawn_line(iterations, "phase2"), figures.phase2_figure(iterations, trials))
+
+
+def time_section(trials: pd.DataFrame) -> Section:
+    """Where each trial's time went, and what the gate saved."""
+    which = "New-LLM trial (baselines have no Phase 1)" if is_baseline(trials).any() else "trial"
+    n = len(newllm_trials(trials))
+    drawn = (f"Seconds of Phase 1, fixed-point analysis and Phase 2 per {which}. " if n <= figures.MAX_BARS else
+             f"How many of the {n:,} New-LLM trials took how many seconds in Phase 1, the fixed-point analysis and "
+             "Phase 2 (one histogram per phase). ")
+    return Section("Time per phase", drawn + gate_saving_line(trials), figures.time_figure(trials))
 
 
 SHORT_NAMES = {"train_effective_rank_fraction": "train ER / C", "val_effective_rank_fraction": "val ER / C",

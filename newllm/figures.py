@@ -29,7 +29,9 @@ from newllm.trials import (
     PENALISED,
     baseline_trials,
     by_architecture,
+    curve_density,
     curves,
+    drawn_curves,
     gate_table,
     history,
     is_baseline,
@@ -44,6 +46,8 @@ from newllm.trials import (
 STATUS_COLORS = {"passed": "#2ca02c", "gate_failed": "#ff7f0e", "diverged": "#d62728", "error": "#7f7f7f",
                  "running": "#1f77b4"}
 HEIGHT = 420
+MAX_CURVES = 40  # training curves drawn as lines; beyond, the best ones over a density of all
+MAX_BARS = 60    # trials drawn as bars of seconds; beyond, a histogram of the seconds per phase
 # colour and marker symbol of each baseline architecture (any other: BASELINE_OTHER)
 BASELINE_STYLES = {"lstm": ("#9467bd", "triangle-up"), "gru": ("#8c564b", "square"),
                    "transformer": ("#17becf", "diamond")}
@@ -216,18 +220,29 @@ def curves_figure(iterations: pd.DataFrame, trials: pd.DataFrame, phase: str, co
                   step_label: str) -> go.Figure:
     """One panel per column of ``columns`` (name -> axis title), one line per trial over the
     steps of ``phase``, coloured by the trial's status; a baseline's dashed, coloured by its
-    architecture."""
+    architecture. Beyond MAX_CURVES trials, lines for the MAX_CURVES of lowest objective
+    (``drawn_curves``) over a shading of where all the trials' curves lie (``curve_density``):
+    ten thousand lines would make a file no browser opens and a picture nobody can read."""
     data = curves(iterations, phase, list(columns))
     fig = make_subplots(rows=1, cols=len(columns), horizontal_spacing=0.1)
     trial_ids = list(dict.fromkeys(data.trial_id))
+    drawn = drawn_curves(trials, trial_ids, MAX_CURVES)
+    if len(drawn) < len(trial_ids):
+        for col, column in enumerate(columns, start=1):
+            steps, centres, counts = curve_density(data, column)
+            fig.add_trace(go.Heatmap(x=steps, y=centres, z=np.where(counts > 0, counts, np.nan), colorscale="Greys",
+                                     zmin=0, showscale=False, name="all trials",
+                                     hovertemplate=f"{step_label} %{{x}}, about %{{y:.4g}}: %{{z}} trials<extra></extra>"),
+                          row=1, col=col)
     # a baseline's architecture: from its trials row, or (still running) from its reported rows
     reported = iterations[is_baseline(iterations)] if "architecture" in iterations else iterations.iloc[:0]
     base = baseline_trials(trials)
     architectures = {**dict(zip(reported["trial_id"], reported.get("architecture", []))),
                      **(dict(zip(base["trial_id"], base["architecture"])) if "architecture" in base else {})}
     shown: set[str] = set()
-    for trial_id, status in zip(trial_ids, trial_status(trials, trial_ids)):
-        rows = data[data.trial_id == trial_id]
+    by_trial = dict(tuple(data[data.trial_id.isin(drawn)].groupby("trial_id", sort=False)))
+    for trial_id, status in zip(drawn, trial_status(trials, drawn)):
+        rows = by_trial[trial_id]
         group, name, color, dash, who = curve_style(trial_id, status, architectures.get(trial_id))
         for col, column in enumerate(columns, start=1):
             y = rows[column].astype(float).where(np.isfinite(rows[column].astype(float)))
@@ -263,9 +278,17 @@ PHASE_SECONDS = {"phase1_seconds": "Phase 1", "analysis_seconds": "analysis", "p
 
 
 def time_figure(trials: pd.DataFrame) -> go.Figure:
-    """Seconds per phase of each New-LLM trial, stacked, in the order they finished."""
+    """Seconds per phase of each New-LLM trial, stacked, in the order they finished; beyond
+    MAX_BARS trials, how many trials took how long in each phase (a histogram per phase)."""
     trials = newllm_trials(trials)
     fig = go.Figure()
+    if len(trials) > MAX_BARS:
+        for column, label in PHASE_SECONDS.items():
+            fig.add_trace(go.Histogram(x=trials[column].astype(float).dropna(), name=label, opacity=0.6,
+                                       hovertemplate="%{x}s: %{y} trials<extra>" + label + "</extra>"))
+        fig.update_layout(barmode="overlay", height=HEIGHT, margin=dict(t=30), xaxis_title="seconds",
+                          yaxis_title="trials")
+        return fig
     for column, label in PHASE_SECONDS.items():
         fig.add_trace(go.Bar(y=trials["trial_id"], x=trials[column].astype(float).fillna(0.0), name=label,
                              orientation="h", hovertemplate="%{y}: %{x:.1f}s<extra>" + label + "</extra>"))

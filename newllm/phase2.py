@@ -158,6 +158,7 @@ class EpochEnd:
     best: bool                  # the best epoch so far: the model holds its weights
     state: Phase2State | None   # when best, the state that resumes after it (None: the caller cannot resume)
     so_far: Phase2Result        # the fit as it ends if stopped here from outside (stop reason "scheduler")
+    last: bool                  # the fit ends after this epoch (the epoch cap, early stopping or divergence)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
@@ -225,14 +226,11 @@ def fit(model: nn.Module, params: list[nn.Parameter], *, lr: float, epochs: int,
             if order is not None:
                 state = Phase2State(list(history), copy.deepcopy(optimizer.state_dict()), *order(),
                                     time.perf_counter() - start_time)
+        reason = "diverged" if not finite else "early_stopping" if epoch - best_epoch >= patience else reason
         if on_epoch is not None:
             so_far = Phase2Result(list(history), best_epoch, "scheduler", time.perf_counter() - start_time, *layout)
-            on_epoch(EpochEnd(record, best, state, so_far))
-        if not finite:
-            reason = "diverged"
-            break
-        if epoch - best_epoch >= patience:
-            reason = "early_stopping"
+            on_epoch(EpochEnd(record, best, state, so_far, last=reason != "max_epochs" or epoch == epochs))
+        if reason != "max_epochs":
             break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -211,13 +211,15 @@ class EpochReport:
     if_stopped: TrainResult
     best: bool                   # the best epoch so far: the model holds its weights
     state: Phase2State | None    # New-LLM's, when best; a baseline restarts instead
+    last: bool                   # the run's last epoch: Phase 2 ends after it
 
 
 def epoch_callback(result: TrainResult, on_epoch: Callable[[EpochReport], None] | None) -> Callable[[EpochEnd], None] | None:
     """``fit``'s ``on_epoch`` for ``result``'s run: each epoch to ``on_epoch`` as an ``EpochReport``."""
     if on_epoch is None:
         return None
-    return lambda end: on_epoch(EpochReport(end.record, result.stopped_after(end.so_far), end.best, end.state))
+    return lambda end: on_epoch(EpochReport(end.record, result.stopped_after(end.so_far), end.best, end.state,
+                                                end.last))
 
 
 def phase1_record(p1: Phase1Result) -> dict:

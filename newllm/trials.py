@@ -281,6 +281,45 @@ def trial_status(trials: pd.DataFrame, trial_ids) -> list[str]:
     return [known.get(t, "running") for t in trial_ids]
 
 
+def drawn_curves(trials: pd.DataFrame, trial_ids: list[str], most: int) -> list[str]:
+    """The trials of ``trial_ids`` whose curves a figure draws as lines: all of them up to
+    ``most``; beyond, the ``most`` of lowest objective (still running ones last), in their order."""
+    if len(trial_ids) <= most:
+        return list(trial_ids)
+    objective = dict(zip(trials["trial_id"], trials["objective"].astype(float))) if len(trials) else {}
+    ranked = sorted(trial_ids, key=lambda t: (objective.get(t, math.inf), t))[:most]
+    kept = set(ranked)
+    return [t for t in trial_ids if t in kept]
+
+
+def slice_sample(passed: pd.DataFrame, most: int, seed: int = 0) -> pd.DataFrame:
+    """At most ``most`` of the ``passed`` trials, in their order: all of them, or the tenth of
+    ``most`` of lowest val perplexity and a seeded random draw of the others (what a slice plot
+    shows: its low end exactly, the rest as a fair sample)."""
+    if len(passed) <= most:
+        return passed
+    best = passed["val_ppl"].astype(float).nsmallest(most // 10).index
+    rest = passed.drop(best).sample(most - len(best), random_state=seed).index
+    return passed.loc[passed.index.isin(best.union(rest))]
+
+
+def curve_density(data: pd.DataFrame, column: str, bins: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the curves of ``data`` (``curves``' rows) lie: (steps, value bin centres, counts
+    [bins, steps]) of the finite values of ``column``, in equal bins from the lowest value to
+    the 99th percentile (a few diverging curves would otherwise squeeze the rest into one bin)."""
+    y = data[column].astype(float).to_numpy()
+    step = data["step"].to_numpy()
+    finite = np.isfinite(y)
+    y, step = y[finite], step[finite]
+    steps = np.arange(int(step.min()), int(step.max()) + 1) if len(step) else np.arange(0)
+    if not len(y):
+        return steps, np.zeros(0), np.zeros((0, len(steps)))
+    low, high = float(y.min()), float(np.quantile(y, 0.99))
+    edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
+    counts, _, _ = np.histogram2d(np.clip(y, low, edges[-1]), step, bins=[edges, np.append(steps, steps[-1] + 1) - 0.5])
+    return steps, (edges[:-1] + edges[1:]) / 2, counts
+
+
 # --- the gate's saving -------------------------------------------------------------------
 
 

@@ -19,7 +19,9 @@ from plotly.offline import get_plotlyjs
 from newllm import analyze, figures
 from newllm.experiment import load
 from newllm.trials import (
+    curve_density,
     curves,
+    drawn_curves,
     gate_importance,
     gate_saving,
     gate_table,
@@ -27,6 +29,7 @@ from newllm.trials import (
     infer_distributions,
     objective_importance,
     pareto_front,
+    slice_sample,
     top_trials,
     trial_status,
 )
@@ -181,6 +184,45 @@ def test_curves_keep_each_trials_latest_attempt():
     assert c.values.tolist() == [["a", 1, 0.7], ["b", 1, 0.8], ["b", 2, 0.9]]
     trials = make_trials(status=["gate_failed"]).assign(trial_id=["b"])
     assert trial_status(trials, ["a", "b"]) == ["running", "gate_failed"]
+
+
+def test_many_trials_draw_the_best_curves_over_a_density_of_all():
+    n, epochs = 300, 4
+    trials = make_trials(val_ppl=np.linspace(100, 40, n))  # the last trials are the best
+    ids = list(trials.trial_id)
+    iterations = pd.DataFrame({"trial_id": np.repeat(ids, epochs), "phase": "phase2", "attempt": 1,
+                               "step": np.tile(np.arange(1, epochs + 1), n),
+                               "val_ppl": np.repeat(trials.val_ppl.to_numpy(), epochs) + np.tile([30, 20, 10, 0], n)})
+    best = drawn_curves(trials, ids, figures.MAX_CURVES)
+    assert best == ids[-figures.MAX_CURVES:]
+    assert drawn_curves(trials, ids[:5] + ["running"], figures.MAX_CURVES) == ids[:5] + ["running"]
+    steps, centres, counts = curve_density(curves(iterations, "phase2", ["val_ppl"]), "val_ppl", bins=10)
+    assert steps.tolist() == [1, 2, 3, 4] and counts.shape == (10, 4)
+    assert counts.sum(axis=0).tolist() == [n] * epochs  # every trial's point of every epoch, once
+    assert centres[0] < 45 and centres[-1] > 120
+    fig = figures.phase2_figure(iterations, trials)
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert sorted({t.hovertemplate.split("<br>")[0] for t in lines}) == sorted(best)
+    (density,) = [t for t in fig.data if t.type == "heatmap"]
+    assert np.nansum(np.array(density.z, dtype=float)) == n * epochs
+    caption = analyze.phase2_section(trials, iterations).caption
+    assert f"the {figures.MAX_CURVES} trials of lowest objective" in caption and f"all {n} trials" in caption
+    # the figures of a few trials are as before: every curve a line, no density
+    few = iterations[iterations.trial_id.isin(ids[:3])]
+    assert {t.type for t in figures.phase2_figure(few, trials).data} == {"scatter"}
+    assert "lowest objective" not in analyze.phase2_section(trials, few).caption
+    seconds = figures.time_figure(trials)
+    assert {t.type for t in seconds.data} == {"histogram"} and len(seconds.data[0].x) == n
+
+
+def test_a_slice_sample_keeps_the_best_and_draws_the_rest_fairly():
+    trials = make_trials(val_ppl=np.random.default_rng(0).uniform(40, 100, 5000))
+    drawn = slice_sample(trials, 1000)
+    assert len(drawn) == 1000 and drawn.index.is_monotonic_increasing
+    assert set(trials.val_ppl.nsmallest(100).index) <= set(drawn.index)
+    rest = drawn.drop(trials.val_ppl.nsmallest(100).index)
+    assert 60 < rest.val_ppl.median() < 80  # the rest: a fair draw, not the next best
+    assert slice_sample(trials.iloc[:10], 1000).equals(trials.iloc[:10])
 
 
 def test_gate_saving_as_print_summary_estimates_it():

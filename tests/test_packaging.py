@@ -101,6 +101,8 @@ def test_wheel_runs_the_laptop_search_outside_the_checkout(tmp_path, ray_env):
     search = run([python, "-m", "newllm.search", "--local", "--space", "laptop", "--num-trials", "1",
                   "--num-samples", "10", "--name", "wheel", "--storage-path", tmp_path / "res"], cwd=away, env=ray_env)
     assert f"1 trials of {space}" in search.stdout
+    # Tune's own console table and TensorBoard hint would repeat what the search said, and name its classes
+    assert "Configuration for experiment" not in search.stdout and "tensorboard" not in search.stdout.lower()
     trials, iterations = experiment.load(tmp_path / "res" / "wheel")
     assert len(trials) == 1 and set(iterations.trial_id) == set(trials.trial_id)
 

@@ -145,10 +145,12 @@ def test_early_stopping_restores_the_best_epoch(freeze):
     model, cfg = small_model(), config(freeze_context=freeze, phase2_lr=0.05, phase2_patience=2, phase2_epochs=12)
     train_ids = torch.arange(300) % VOCAB
     val_ids = torch.arange(60).flip(0) % VOCAB
-    result = phase2.train_phase2(model, phase2_data(model, cfg, train_ids), val_ids, cfg)
+    ends = []
+    result = phase2.train_phase2(model, phase2_data(model, cfg, train_ids), val_ids, cfg, on_epoch=ends.append)
     losses = [r.val_loss for r in result.history]
     assert result.stop_reason == "early_stopping"
     assert len(losses) == result.best_epoch + cfg.phase2_patience
+    assert [end.last for end in ends] == [False] * (len(losses) - 1) + [True]  # the early stop's epoch is the last
     assert losses[result.best_epoch - 1] == min(losses) < losses[-1]
     assert phase2.stream_metrics(model, val_ids)[0] == losses[result.best_epoch - 1]
 

@@ -5,6 +5,7 @@ as the uninterrupted one."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -101,6 +102,26 @@ def test_a_stopped_trials_checkpoint_is_its_best_epochs_model(stopped_search, tm
     out = tmp_path / "hf"
     assert export.main([exp_dir, "--trial", stopped.trial_id, "--out", str(out)]) == 0
     assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("epochs, last", [(1, 1), (9, 3)])  # ASHA's rungs: epoch 1 of 1; epochs 1, 3 and 9 of 9
+def test_asha_never_cuts_a_trial_at_its_last_epoch(tmp_path, epochs, last):
+    """A trial whose last epoch falls on a rung, and is worse there than the trial before it: ASHA
+    records it, and the search lets it end by itself; the epoch before its last is still cut."""
+    (tmp_path / "s.yaml").write_text(f"params: {{num_layers: {{type: int, low: 1, high: 2}}}}\n"
+                                     f"fixed: {{phase2_epochs: {epochs}}}\n")
+    asha = algorithms.scheduler(None, load_space(str(tmp_path / "s.yaml")))
+    asha.set_search_properties("objective", "min")
+    good, worse, cut = (SimpleNamespace(trial_id=name, config={}) for name in ("good", "worse", "cut"))
+    for trial in (good, worse, cut):
+        asha.on_trial_add(None, trial)
+
+    def row(epoch: int, value: float, is_last: bool) -> dict:
+        return {"phase2_epoch": epoch, "objective": value, "phase2_last_epoch": is_last}
+
+    assert asha.on_trial_result(None, good, row(last, 10.0, False)) == asha.CONTINUE
+    assert asha.on_trial_result(None, worse, row(last, 100.0, True)) == asha.CONTINUE
+    assert asha.on_trial_result(None, cut, row(last, 100.0, False)) == asha.STOP
 
 
 def pd_isna(value) -> bool:

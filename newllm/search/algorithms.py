@@ -222,7 +222,11 @@ class KindScheduler(FIFOScheduler):
         self.of(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self.of(trial).on_trial_result(tune_controller, trial, result)
+        action = self.of(trial).on_trial_result(tune_controller, trial, result)
+        # a trial's last epoch is recorded at its rung like any other, but never cut: the trial
+        # ends there anyway, with its own final row (ASHA's stop_last_trials=False spares only
+        # the epochs at max_t, and a trial's own epoch cap or early stop may come sooner)
+        return self.CONTINUE if result.get("phase2_last_epoch") else action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self.of(trial).on_trial_complete(tune_controller, trial, result)
@@ -252,8 +256,8 @@ def scheduler(name: str | None, space: SearchSpace):
     an ASHA over Phase 2 epochs per kind (New-LLM, each baseline architecture), or None (FIFO). Its time
     is ``phase2_epoch``, which only Phase 2 rows carry, so Phase 1 passes and the analysis are
     never rungs and a gate-failed trial is never stopped by it. Its metric ``objective`` is a
-    trial's best val perplexity so far. A trial that reaches its last epoch is never cut
-    (``stop_last_trials=False``): it ends with its own final row."""
+    trial's best val perplexity so far. A trial's last epoch is never cut (``KindScheduler``): it
+    ends with its own final row."""
     if (name or ("asha" if space.repeats == 1 else "none")) == "none":
         return None
     max_t = max(max_phase2_epochs(space), ASHA_GRACE_EPOCHS)
@@ -438,9 +442,13 @@ class TrialFailureFilter(logging.Filter):
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's console lines that newllm says better: its interruption lines name its Python API
-    (main prints the command that resumes), and a failed trial's traceback is one line."""
+    (main prints the command that resumes), a failed trial's traceback is one line, and its
+    configuration table and TensorBoard hint (which Tune's newer console output prints whatever
+    ``verbose`` says; the older one is silent at ``verbose=0``) repeat what the search printed."""
     tune_log, controller_log = logging.getLogger("ray.tune.tune"), logging.getLogger("ray.tune.execution.tune_controller")
     level, failures = tune_log.level, TrialFailureFilter()
+    new_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tune_log.setLevel(logging.CRITICAL)
     controller_log.addFilter(failures)
     try:
@@ -448,6 +456,10 @@ def quiet_tune():
     finally:
         tune_log.setLevel(level)
         controller_log.removeFilter(failures)
+        if new_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = new_output
 
 
 def landed_results(exp_dir: str, space: SearchSpace) -> dict[str, dict]:

@@ -145,7 +145,8 @@ def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resum
 
     def on_epoch(epoch: EpochReport) -> None:
         stopped = epoch.if_stopped
-        row = {**epoch.record.to_dict(), "phase2_epoch": epoch.record.epoch, "objective": stopped.objective,
+        row = {**epoch.record.to_dict(), "phase2_epoch": epoch.record.epoch, "phase2_last_epoch": epoch.last,
+               "objective": stopped.objective,
                "if_stopped": replicates_summary([*kept["replicates"], stopped.summary()])}
         if not epoch.best:
             send_row("phase2", epoch.record.epoch, row)
