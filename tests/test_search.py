@@ -335,10 +335,11 @@ def assert_study_matches_table(directory: Path, name: str) -> pd.DataFrame:
     for attr in USER_ATTRS:
         assert joined[f"user_attrs_{attr}"].tolist() == joined[attr].tolist(), attr
     assert (joined.user_attrs_kind == "newllm").all()
-    feasible = {t.user_attrs["trial_id"]: all(v <= 0 for v in t.constraints.values())
-                for t in study.trials if t.state != optuna.trial.TrialState.FAIL}
-    assert all(len(t.constraints) == 3 for t in study.trials if t.state != optuna.trial.TrialState.FAIL)
-    assert [feasible[t] for t in joined.trial_id] == passed.tolist()
+    # the constraints as TPE and optuna-dashboard read them, and as the user attributes name them
+    recorded = {t.user_attrs["trial_id"]: list(t.system_attrs["constraints"]) for t in study.trials
+                if t.state != optuna.trial.TrialState.FAIL}
+    assert [recorded[t] for t in joined.trial_id] == [list(c.values()) for c in joined.user_attrs_constraints]
+    assert [all(v <= 0 for v in recorded[t]) for t in joined.trial_id] == passed.tolist()
     return joined
 
 
@@ -359,13 +360,13 @@ def test_the_study_says_what_each_trial_was_and_joins_the_trials_table(tiny_sear
 
 def tiny_study_search(learned_nothing: float) -> tuple:
     """A New-LLM StudySearch on the laptop space (gate at 20% / 8% of C) over an in-memory study."""
-    from newllm.search.algorithms import StudySearch
+    from newllm.search.algorithms import StudySearch, study_sampler
     from newllm.space import load_space
 
     space = load_space(REPO / "search_spaces" / "laptop.yaml")
     studies = optuna.storages.InMemoryStorage()
     searcher = StudySearch(space=space.params, metric="objective", mode="min", study_name="s", storage=studies,
-                           sampler=optuna.samplers.TPESampler(seed=0), kind="newllm",
+                           sampler=study_sampler(0), kind="newllm",
                            learned_nothing=learned_nothing, gate_space=space)
     return searcher, studies
 
@@ -400,15 +401,17 @@ def test_the_gate_is_a_constraint_and_a_stopped_trial_is_pruned_with_its_epochs(
     searcher.on_trial_complete("d", {"phase": "final", **ended("diverged", train_er=None)})
     a, b, c, d = searcher._ot_study.trials
     assert (a.state, a.value, a.intermediate_values) == (optuna.trial.TrialState.COMPLETE, 48.0, {1: 52.0, 2: 48.0})
+    constraints = a.user_attrs.pop("constraints")
     assert a.user_attrs == {"trial_id": "a", "family": "newllm", "kind": "newllm", "status": "passed", "node_id": "n",
                             "attempts": 1, "checkpoint_path": "a/c", "replicates": 1}
-    assert max(a.constraints.values()) <= 0
+    assert list(constraints) == ["gate_train_er", "gate_val_er", "failed_runs"] and max(constraints.values()) <= 0
+    # recorded where TPE's constraints_func records them (and optuna-dashboard reads them)
+    assert list(a.system_attrs["constraints"]) == list(constraints.values())
     assert (b.state, b.value, b.user_attrs["status"]) == (optuna.trial.TrialState.COMPLETE, 30.0, "gate_failed")
-    assert b.constraints == pytest.approx({"gate_train_er": 0.15, "gate_val_er": 0.03, "failed_runs": 1.0})
+    assert b.system_attrs["constraints"] == pytest.approx([0.15, 0.03, 1.0])
     assert (c.state, c.value, c.intermediate_values) == (optuna.trial.TrialState.PRUNED, 61.0, {1: 70.0, 2: 61.0})
     # a run that never reached the analysis counts as rank 0
-    assert d.value == 30.0 and d.constraints == pytest.approx({"gate_train_er": 0.2, "gate_val_er": 0.08,
-                                                               "failed_runs": 1.0})
+    assert d.value == 30.0 and d.system_attrs["constraints"] == pytest.approx([0.2, 0.08, 1.0])
     assert searcher._ot_study.best_trial.number == a.number
 
 
@@ -423,4 +426,5 @@ def test_a_resumed_trial_that_was_left_running_is_told_again_with_its_state_and_
     assert failed.state == optuna.trial.TrialState.FAIL and failed.intermediate_values == {1: 70.0}
     assert (again.state, again.value, again.params) == (optuna.trial.TrialState.PRUNED, 61.0, failed.params)
     assert again.user_attrs["trial_id"] == "a" and again.user_attrs["attempts"] == 2
-    assert again.user_attrs["checkpoint_path"] == "a/c3" and max(again.constraints.values()) <= 0
+    assert again.user_attrs["checkpoint_path"] == "a/c3" and max(again.system_attrs["constraints"]) <= 0
+    assert list(again.system_attrs["constraints"]) == list(again.user_attrs["constraints"].values())

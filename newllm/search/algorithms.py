@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import optuna
 import optuna.distributions as od
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -39,9 +40,8 @@ ASHA_GRACE_EPOCHS = 1
 ASHA_REDUCTION = 3
 
 
-# the names of the constraints a study records for each trial (> 0: violated), as Optuna's
-# samplers read them (``Trial.set_constraint``): the gate's two margins, New-LLM only, and the
-# fraction of the trial's runs that failed (the gate, or diverged)
+# the constraints a study records for each trial (> 0: violated): the gate's two margins (New-LLM
+# only) and the fraction of the trial's runs that failed (the gate, or diverged)
 GATE_CONSTRAINTS = ("gate_train_er", "gate_val_er")
 FAILED_RUNS = "failed_runs"
 
@@ -61,12 +61,29 @@ def study_constraints(summary: dict, gate: tuple[float, float] | None) -> dict[s
     with a ``gate`` (the New-LLM trial's train and val thresholds) each threshold minus the
     effective-rank fraction it measures (replicate 0's; contexts that never reached the analysis
     count as rank 0), and for every trial the fraction of its runs that did not pass."""
-    constraints = {FAILED_RUNS: 1.0 - summary["replicates_passed"] / summary["replicates"]}
+    constraints = {}
     if gate is not None:
         for name, threshold, measured in zip(GATE_CONSTRAINTS, gate, (summary["train_effective_rank_fraction"],
                                                                      summary["val_effective_rank_fraction"])):
             constraints[name] = threshold - (measured or 0.0)
+    constraints[FAILED_RUNS] = 1.0 - summary["replicates_passed"] / summary["replicates"]
     return constraints
+
+
+def recorded_constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    """The ``constraints_func`` of the studies' TPE samplers: the constraints that ``StudySearch``
+    recorded in the trial's user attribute ``constraints`` (none for a trial it did not tell)."""
+    return tuple(trial.user_attrs.get("constraints", {}).values())
+
+
+def study_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """A study's sampler: seeded multivariate TPE, with the constraints each trial records. Optuna
+    5.0 deprecates ``constraints_func`` for ``Trial.set_constraint``, whose records optuna-dashboard
+    (0.21) does not read yet: the constraints_func's records it shows as infeasible trials."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          constraints_func=recorded_constraints)
 
 
 class StudySearch(OptunaSearch):
@@ -75,8 +92,9 @@ class StudySearch(OptunaSearch):
 
     - the value is a val perplexity (``study_value``): a run that failed the gate or diverged
       counts as one that ``learned_nothing`` (the uniform prediction's perplexity, the vocabulary
-      size), and the trial is infeasible: its constraints (``study_constraints``) are violated.
-      Constrained TPE ranks it below every feasible trial; ``study.best_trial`` is never one;
+      size), and the trial is infeasible: its constraints (``study_constraints``, in the user
+      attribute ``constraints``, which ``study_sampler``'s TPE reads) are violated. Constrained
+      TPE ranks it below every feasible trial; ``study.best_trial`` is never one;
     - the intermediate values are the Phase 2 epochs, at step ``phase2_epoch`` the value the
       trial would be told if stopped there (Phase 1 passes and the analysis are no step);
     - a trial whose Phase 2 the scheduler stopped is PRUNED (its value: its best epoch's, the last
@@ -84,7 +102,7 @@ class StudySearch(OptunaSearch):
       pruned trial: there it is COMPLETE;
     - user attributes say what the trial was: the Tune ``trial_id`` (set when it is asked, so the
       study joins the trials table), ``family``, ``kind``, ``status``, ``node_id``, ``attempts``,
-      ``checkpoint_path`` (relative to the experiment) and ``replicates``.
+      ``checkpoint_path`` (relative to the experiment), ``replicates`` and ``constraints``.
 
     The study lives in a storage that outlives the driver. At a resume the study may be ahead of
     the searcher's saved state: a trial that ``fail_left_running`` marked FAIL gets no more
@@ -142,11 +160,13 @@ class StudySearch(OptunaSearch):
             self._tell(trial_id, result, ended)
         elif ended is not None and self._state(trial_id) == optuna.trial.TrialState.FAIL:
             ot_trial = self._ot_trials[trial_id]
-            state, values, constraints, attrs = self._told(trial_id, result, ended)
+            state, values, attrs = self._told(trial_id, result, ended)
             earlier = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+            # (a trial added whole is no sampler's to see: its constraints go where constraints_func's go)
             self._ot_study.add_trial(optuna.trial.create_trial(
                 state=state, values=values, params=ot_trial.params, distributions=ot_trial.distributions,
-                intermediate_values=earlier, user_attrs=attrs, constraints=constraints))
+                intermediate_values=earlier, user_attrs=attrs,
+                system_attrs={_CONSTRAINTS_KEY: list(attrs["constraints"].values())}))
         self._completed_trials.add(trial_id)
 
     def _state(self, trial_id: str) -> optuna.trial.TrialState | None:
@@ -157,11 +177,9 @@ class StudySearch(OptunaSearch):
 
     def _tell(self, trial_id: str, result: dict, ended: dict) -> None:
         ot_trial = self._ot_trials[trial_id]
-        state, values, constraints, attrs = self._told(trial_id, result, ended)
-        for key, value in attrs.items():
+        state, values, attrs = self._told(trial_id, result, ended)
+        for key, value in attrs.items():  # before the tell, when the sampler reads the constraints
             ot_trial.set_user_attr(key, value)
-        for key, value in constraints.items():
-            ot_trial.set_constraint(key, value)
         if state == optuna.trial.TrialState.PRUNED:
             # Tune gives a searcher no result its scheduler stopped a trial on: that epoch is reported
             # here, and the pruned trial's value is this last intermediate value (Optuna's rule)
@@ -170,10 +188,9 @@ class StudySearch(OptunaSearch):
         else:
             self._ot_study.tell(ot_trial, values)
 
-    def _told(self, trial_id: str, result: dict, ended: dict) -> tuple[optuna.trial.TrialState, list[float],
-                                                                        dict[str, float], dict]:
+    def _told(self, trial_id: str, result: dict, ended: dict) -> tuple[optuna.trial.TrialState, list[float], dict]:
         """What the study is told of a trial that ended with ``ended`` (``callbacks.outcome`` of its
-        last ``result``): its state, values, constraints and user attributes."""
+        last ``result``): its state, values and user attributes (its constraints among them)."""
         value = study_value(ended, self.learned_nothing)
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [value if m == "objective" else ended[m] for m in metrics]
@@ -185,8 +202,9 @@ class StudySearch(OptunaSearch):
             gate = (cfg.gate_train_er, cfg.gate_val_er)
         attrs = {"trial_id": trial_id, "family": ended["family"], "kind": self.kind, "status": ended["status"],
                  "node_id": result.get("node_id"), "attempts": result.get("attempts"),
-                 "checkpoint_path": result.get("checkpoint_path"), "replicates": ended["replicates"]}
-        return state, values, study_constraints(ended, gate), attrs
+                 "checkpoint_path": result.get("checkpoint_path"), "replicates": ended["replicates"],
+                 "constraints": study_constraints(ended, gate)}
+        return state, values, attrs
 
     def bind(self, storage) -> None:
         """Use ``storage``, the study's storage where the experiment is now, for the study and
@@ -487,8 +505,7 @@ def run_search(run: SearchRun) -> bool:
         metric, mode = (metrics, ["min"] * len(metrics)) if len(metrics) > 1 else (metrics[0], "min")
         searchers = {
             k: StudySearch(space=space.params if k == NEWLLM else space.baselines.params, metric=metric, mode=mode,
-                           # TPE reads the constraints each trial records: infeasible ones rank below the rest
-                           sampler=optuna.samplers.TPESampler(seed=run.seed, multivariate=True, constant_liar=True),
+                           sampler=study_sampler(run.seed),
                            study_name=study, storage=studies, kind=k, learned_nothing=float(run.data.vocab_size),
                            gate_space=space if k == NEWLLM else None)
             for k, study in study_names(run.name, space).items()}
