@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import optuna
 import optuna.distributions as od
-from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 import ray
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
@@ -31,7 +31,7 @@ from newllm.experiment import ITERATIONS_FILE, PartsTable, experiment_dir, files
 from newllm.search.callbacks import ParquetResults, Progress, TrialRow, attempts_on_disk, outcome, versions
 from newllm.search.storage import fail_left_running, open_storage, prune_checkpoints
 from newllm.search.trainable import run_trial
-from newllm.space import MATCHED, SearchSpace
+from newllm.space import MATCHED, OBJECTIVES, SearchSpace
 
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
 # at each rung a trial continues only if its best val perplexity is in the best 1/ASHA_REDUCTION
@@ -193,7 +193,7 @@ class StudySearch(OptunaSearch):
         last ``result``): its state, values and user attributes (its constraints among them)."""
         value = study_value(ended, self.learned_nothing)
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [value if m == "objective" else ended[m] for m in metrics]
+        values = [value if m == OBJECTIVES["val_ppl"] else ended[m] for m in metrics]
         stopped = ended.get("phase2_stop_reason") == "scheduler" and len(metrics) == 1
         state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.COMPLETE
         gate = None
