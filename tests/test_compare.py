@@ -166,7 +166,7 @@ def test_the_search_takes_turns_and_picks_up_where_it_was_saved(tmp_path):
     def family_search() -> KindSearch:
         searchers = {k: StudySearch(space=space.params if k == NEWLLM else space.baselines.params,
                                     metric="objective", mode="min", study_name=name,
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
+                                    sampler=optuna.samplers.RandomSampler(seed=0), kind=k, learned_nothing=300.0)
                      for k, name in study_names("s", space).items()}
         return KindSearch(searchers, space, 300, "objective", "min")
 

@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import free_port, write_table
+from test_search import assert_study_matches_table as assert_study_joins_table
 
 from newllm import analyze, export, train
 from newllm import experiment as exp
@@ -499,11 +500,12 @@ def study_of(experiment: Path, name: str) -> optuna.Study:
 
 
 def assert_study_matches_table(experiment: Path, name: str) -> None:
+    """Every landed trial kept its rows, and the study's values, states and user attributes match the
+    trials table (``test_search.assert_study_matches_table``)."""
     trials, iterations = exp.load(experiment)
     assert trials.trial_id.is_unique and (trials.status == "passed").all()
     assert set(iterations.trial_id) == set(trials.trial_id)  # every landed trial kept its rows
-    complete = [t.value for t in study_of(experiment, name).trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(complete) == pytest.approx(sorted(trials.objective))
+    assert_study_joins_table(experiment, name)
 
 
 # --- one driver per experiment -------------------------------------------------------------------

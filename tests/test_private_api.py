@@ -15,7 +15,7 @@ from newllm.search.algorithms import StudySearch
 def test_optuna_search_keeps_its_study_trials_and_storage_where_study_search_reads_them(tmp_path):
     storage, sampler = optuna.storages.InMemoryStorage(), optuna.samplers.TPESampler(seed=0)
     searcher = StudySearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="min",
-                           sampler=sampler, study_name="pinned", storage=storage)
+                           sampler=sampler, study_name="pinned", storage=storage, kind="newllm", learned_nothing=1.0)
     assert isinstance(searcher, OptunaSearch)
     searcher.suggest("t1")
     ot_trial = searcher._ot_trials["t1"]
@@ -34,3 +34,17 @@ def test_a_tuner_keeps_its_run_and_tune_configs_where_run_search_replaces_them(t
                        run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=callbacks))
     assert tuner._local_tuner._run_config.callbacks == callbacks
     assert tuner._local_tuner._tune_config.num_samples == 1 and hasattr(tuner._local_tuner._tune_config, "search_alg")
+
+
+def test_tpe_records_a_constraints_func_where_study_search_adds_a_trials_constraints():
+    # StudySearch adds a resumed trial whole (no sampler sees it) with its constraints under this key
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+
+    from newllm.search.algorithms import study_sampler
+
+    study = optuna.create_study(sampler=study_sampler(0))
+    trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
+    trial.set_user_attr("constraints", {"gate_train_er": 0.1, "failed_runs": 1.0})
+    study.tell(trial, 1.0)
+    assert _CONSTRAINTS_KEY == "constraints"
+    assert list(study.trials[0].system_attrs[_CONSTRAINTS_KEY]) == [0.1, 1.0]

@@ -88,9 +88,14 @@ def test_a_stopped_trial_lands_as_passed_with_its_best_epoch_in_both_tables(stop
     assert list(epochs.phase2_epoch) == [1] and epochs.val_ppl.min() == pytest.approx(stopped.val_ppl, rel=1e-9)
     assert iterations.loc[iterations.phase != "phase2", "phase2_epoch"].isna().all()
 
-    # Optuna was told each trial's objective, the stopped one's best val perplexity included
-    told = sorted(t.value for t in searcher._ot_study.trials)
-    assert told == pytest.approx(sorted(trials.objective))
+    # Optuna was told each trial's val perplexity: the stopped one's best epoch's, as a PRUNED trial, and
+    # the gate-failed one's as a model that learned nothing (the vocabulary size), infeasible
+    told = {t.user_attrs["trial_id"]: t for t in searcher._ot_study.trials}
+    assert (told[learns.trial_id].state.name, told[stopped.trial_id].state.name) == ("COMPLETE", "PRUNED")
+    assert told[learns.trial_id].value == pytest.approx(learns.val_ppl)
+    assert told[stopped.trial_id].value == pytest.approx(stopped.val_ppl)
+    assert told[gated.trial_id].value == searcher.learned_nothing
+    assert max(told[gated.trial_id].system_attrs["constraints"]) > 0
 
 
 @pytest.mark.slow

@@ -284,12 +284,9 @@ def test_the_laptop_search_shows_the_gate_and_its_optuna_study_is_live_during_it
             seen_running = [t.state for t in optuna.load_study(study_name="laptop", storage=studies).trials]
             assert driver.poll() is None
     assert driver.wait(timeout=600) == 0
-    assert optuna.trial.TrialState.COMPLETE in seen_running
-    studies = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="laptop", storage=studies)
+    assert any(state.is_finished() for state in seen_running)
+    assert_study_matches_table(tmp_path / "res" / "laptop", "laptop")
     trials, _ = experiment.load(tmp_path / "res" / "laptop")
-    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials.objective))
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     counts = trials.status.value_counts()
     assert len(trials) == 8 and counts.get("gate_failed", 0) >= 1 and counts.get("passed", 0) >= 4, counts
     failed = trials[trials.status == "gate_failed"]
@@ -306,3 +303,128 @@ def test_a_resume_fails_the_optuna_trials_a_killed_driver_left_running():
     storage.fail_left_running(studies, "s")
     storage.fail_left_running(studies, "no such study")  # a driver killed before it made the study
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
+# --- the Optuna study, as Optuna's own tools read it -------------------------------------------------
+
+USER_ATTRS = ("family", "status", "node_id", "attempts", "checkpoint_path", "replicates")
+
+
+def study_of(directory: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(Path(directory) / experiment.OPTUNA_JOURNAL))))
+
+
+def assert_study_matches_table(directory: Path, name: str) -> pd.DataFrame:
+    """Every trials-table row is one finished trial of the study, joined on the Tune trial id its user
+    attributes hold, with the row's user attributes, a state that says whether ASHA stopped it, and as
+    its value the row's val perplexity, or, for a trial that did not pass, a lower-is-better value no
+    passed trial reaches: a violated constraint, not a penalty. Returns the join."""
+    trials, _ = experiment.load(directory)
+    study = study_of(directory, name)
+    frame = study.trials_dataframe()
+    # (a trial that a killed driver left running is FAIL; its result, added when it came, is another trial)
+    told = frame[frame.state != "FAIL"]
+    joined = told.merge(trials, left_on="user_attrs_trial_id", right_on="trial_id", validate="one_to_one")
+    assert len(joined) == len(told) == len(trials)
+    assert ((joined.state == "PRUNED") == (joined.phase2_stop_reason == "scheduler")).all()
+    assert set(joined.state) <= {"COMPLETE", "PRUNED"}
+    passed = joined.status == "passed"
+    assert joined.value[passed].tolist() == pytest.approx(joined.val_ppl[passed].tolist(), rel=1e-9)
+    assert (joined.value < 1e6).all()  # no penalty: a perplexity's scale
+    for attr in USER_ATTRS:
+        assert joined[f"user_attrs_{attr}"].tolist() == joined[attr].tolist(), attr
+    assert (joined.user_attrs_kind == "newllm").all()
+    # the constraints as TPE and optuna-dashboard read them, and as the user attributes name them
+    recorded = {t.user_attrs["trial_id"]: list(t.system_attrs["constraints"]) for t in study.trials
+                if t.state != optuna.trial.TrialState.FAIL}
+    assert [recorded[t] for t in joined.trial_id] == [list(c.values()) for c in joined.user_attrs_constraints]
+    assert [all(v <= 0 for v in recorded[t]) for t in joined.trial_id] == passed.tolist()
+    return joined
+
+
+@pytest.mark.slow
+def test_the_study_says_what_each_trial_was_and_joins_the_trials_table(tiny_search):
+    joined = assert_study_matches_table(tiny_search.directory, "tiny")
+    study = study_of(tiny_search.directory, "tiny")
+    for t in study.trials:
+        row = joined[joined.trial_id == t.user_attrs["trial_id"]].iloc[0]
+        if row.status == "passed":  # the learning curve: the best val perplexity so far, per Phase 2 epoch
+            assert sorted(t.intermediate_values) == list(range(1, row.phase2_epochs_run + 1))
+            assert min(t.intermediate_values.values()) == pytest.approx(row.val_ppl, rel=1e-9)
+        if t.state == optuna.trial.TrialState.PRUNED:  # Optuna's value of a pruned trial: its last intermediate
+            assert t.value == t.intermediate_values[max(t.intermediate_values)]
+    complete = joined[(joined.state == "COMPLETE") & (joined.status == "passed")]
+    assert study.best_trial.user_attrs["trial_id"] == complete.loc[complete.val_ppl.idxmin(), "trial_id"]
+
+
+def tiny_study_search(learned_nothing: float) -> tuple:
+    """A New-LLM StudySearch on the laptop space (gate at 20% / 8% of C) over an in-memory study."""
+    from newllm.search.algorithms import StudySearch, study_sampler
+    from newllm.space import load_space
+
+    space = load_space(REPO / "search_spaces" / "laptop.yaml")
+    studies = optuna.storages.InMemoryStorage()
+    searcher = StudySearch(space=space.params, metric="objective", mode="min", study_name="s", storage=studies,
+                           sampler=study_sampler(0), kind="newllm",
+                           learned_nothing=learned_nothing, gate_space=space)
+    return searcher, studies
+
+
+def ended(status: str, val_ppl: float | None = None, train_er: float | None = 0.5, **more) -> dict:
+    """A one-replicate run summary as the trainable reports it (``replicates_summary``)."""
+    return {"family": "newllm", "status": status, "num_params": 1000, "replicates": 1,
+            "replicates_passed": int(status == "passed"), "val_ppl_mean": val_ppl,
+            "train_effective_rank_fraction": train_er, "val_effective_rank_fraction": train_er,
+            "phase2_stop_reason": None, **more}
+
+
+def epoch_row(epoch: int, best: float, **summary) -> dict:
+    return {"phase": "phase2", "replicate": 0, "phase2_epoch": epoch, "objective": best, "node_id": "n",
+            "if_stopped": ended("passed", best, phase2_stop_reason="scheduler", **summary)}
+
+
+def test_the_gate_is_a_constraint_and_a_stopped_trial_is_pruned_with_its_epochs():
+    # learned_nothing below the passed trial's perplexity: only the constraint keeps the gate-failed
+    # trial from being the best
+    searcher, _ = tiny_study_search(learned_nothing=30.0)
+    for trial_id in "abcd":
+        searcher.suggest(trial_id)
+    searcher.on_trial_result("a", {"phase": "phase1", "step": 1, "objective": 1.5e6})  # no step of the curve
+    for epoch, best in ((1, 52.0), (2, 48.0)):
+        searcher.on_trial_result("a", epoch_row(epoch, best))
+    searcher.on_trial_complete("a", {"phase": "final", "node_id": "n", "attempts": 1, "checkpoint_path": "a/c",
+                                     **ended("passed", 48.0, phase2_stop_reason="max_epochs")})
+    searcher.on_trial_complete("b", {"phase": "final", "node_id": "n", **ended("gate_failed", train_er=0.05)})
+    searcher.on_trial_result("c", epoch_row(1, 70.0))
+    searcher.on_trial_complete("c", epoch_row(2, 61.0))  # ASHA stopped it here: Tune gives no on_trial_result
+    searcher.on_trial_complete("d", {"phase": "final", **ended("diverged", train_er=None)})
+    a, b, c, d = searcher._ot_study.trials
+    assert (a.state, a.value, a.intermediate_values) == (optuna.trial.TrialState.COMPLETE, 48.0, {1: 52.0, 2: 48.0})
+    constraints = a.user_attrs.pop("constraints")
+    assert a.user_attrs == {"trial_id": "a", "family": "newllm", "kind": "newllm", "status": "passed", "node_id": "n",
+                            "attempts": 1, "checkpoint_path": "a/c", "replicates": 1}
+    assert list(constraints) == ["gate_train_er", "gate_val_er", "failed_runs"] and max(constraints.values()) <= 0
+    # recorded where TPE's constraints_func records them (and optuna-dashboard reads them)
+    assert list(a.system_attrs["constraints"]) == list(constraints.values())
+    assert (b.state, b.value, b.user_attrs["status"]) == (optuna.trial.TrialState.COMPLETE, 30.0, "gate_failed")
+    assert b.system_attrs["constraints"] == pytest.approx([0.15, 0.03, 1.0])
+    assert (c.state, c.value, c.intermediate_values) == (optuna.trial.TrialState.PRUNED, 61.0, {1: 70.0, 2: 61.0})
+    # a run that never reached the analysis counts as rank 0
+    assert d.value == 30.0 and d.system_attrs["constraints"] == pytest.approx([0.2, 0.08, 1.0])
+    assert searcher._ot_study.best_trial.number == a.number
+
+
+def test_a_resumed_trial_that_was_left_running_is_told_again_with_its_state_and_attributes():
+    searcher, studies = tiny_study_search(learned_nothing=300.0)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", epoch_row(1, 70.0))
+    storage.fail_left_running(studies, "s")  # the driver was killed; the resumed one finishes the trial
+    searcher.on_trial_result("a", epoch_row(2, 64.0))  # the FAIL trial gets no more
+    searcher.on_trial_complete("a", {**epoch_row(3, 61.0), "attempts": 2, "checkpoint_path": "a/c3"})
+    failed, again = searcher._ot_study.trials
+    assert failed.state == optuna.trial.TrialState.FAIL and failed.intermediate_values == {1: 70.0}
+    assert (again.state, again.value, again.params) == (optuna.trial.TrialState.PRUNED, 61.0, failed.params)
+    assert again.user_attrs["trial_id"] == "a" and again.user_attrs["attempts"] == 2
+    assert again.user_attrs["checkpoint_path"] == "a/c3" and max(again.system_attrs["constraints"]) <= 0
+    assert list(again.system_attrs["constraints"]) == list(again.user_attrs["constraints"].values())

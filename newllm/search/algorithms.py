@@ -15,24 +15,27 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 import optuna.distributions as od
 import pyarrow.fs
 import ray
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 from newllm.config import BASELINE_ARCHITECTURES, NEWLLM
 from newllm.data import TokenData
-from newllm.experiment import experiment_dir, filesystem, trials_table
-from newllm.search.callbacks import ParquetResults, Progress, TrialRow, versions
+from newllm.experiment import ITERATIONS_FILE, PartsTable, experiment_dir, filesystem, trials_table
+from newllm.search.callbacks import ParquetResults, Progress, TrialRow, attempts_on_disk, outcome, versions
 from newllm.search.storage import fail_left_running, open_storage, prune_checkpoints
 from newllm.search.trainable import run_trial
-from newllm.space import MATCHED, SearchSpace
+from newllm.space import MATCHED, OBJECTIVES, SearchSpace
 
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
 # at each rung a trial continues only if its best val perplexity is in the best 1/ASHA_REDUCTION
@@ -41,12 +44,79 @@ ASHA_GRACE_EPOCHS = 1
 ASHA_REDUCTION = 3
 
 
+# the constraints a study records for each trial (> 0: violated): the gate's two margins (New-LLM
+# only) and the fraction of the trial's runs that failed (the gate, or diverged)
+GATE_CONSTRAINTS = ("gate_train_er", "gate_val_er")
+FAILED_RUNS = "failed_runs"
+
+
+def study_value(summary: dict, learned_nothing: float) -> float:
+    """The val perplexity a study is told for a trial that ended with ``summary``
+    (``newllm.run.replicates_summary``): the mean over its replicates of each passed run's val
+    perplexity and ``learned_nothing`` for each run that failed the gate or diverged. With one
+    replicate: its val perplexity, or ``learned_nothing``. Unlike the trials table's
+    ``objective``, it is a perplexity whatever happened, so every Optuna plot keeps its scale."""
+    runs, passed = summary["replicates"], summary["replicates_passed"]
+    return ((summary["val_ppl_mean"] or 0.0) * passed + learned_nothing * (runs - passed)) / runs
+
+
+def study_constraints(summary: dict, gate: tuple[float, float] | None) -> dict[str, float]:
+    """The constraints a study records for a trial that ended with ``summary`` (> 0: violated):
+    with a ``gate`` (the New-LLM trial's train and val thresholds) each threshold minus the
+    effective-rank fraction it measures (replicate 0's; contexts that never reached the analysis
+    count as rank 0), and for every trial the fraction of its runs that did not pass."""
+    constraints = {}
+    if gate is not None:
+        for name, threshold, measured in zip(GATE_CONSTRAINTS, gate, (summary["train_effective_rank_fraction"],
+                                                                     summary["val_effective_rank_fraction"])):
+            constraints[name] = threshold - (measured or 0.0)
+    constraints[FAILED_RUNS] = 1.0 - summary["replicates_passed"] / summary["replicates"]
+    return constraints
+
+
+def recorded_constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    """The ``constraints_func`` of the studies' TPE samplers: the constraints that ``StudySearch``
+    recorded in the trial's user attribute ``constraints`` (none for a trial it did not tell)."""
+    return tuple(trial.user_attrs.get("constraints", {}).values())
+
+
+def study_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """A study's sampler: seeded multivariate TPE, with the constraints each trial records. Optuna
+    5.0 deprecates ``constraints_func`` for ``Trial.set_constraint``, whose records optuna-dashboard
+    (0.21) does not read yet: the constraints_func's records it shows as infeasible trials."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          constraints_func=recorded_constraints)
+
+
 class StudySearch(OptunaSearch):
-    """OptunaSearch whose study lives in a storage that outlives the driver. At a resume the study
-    may be ahead of the searcher's saved state: a trial that ``fail_left_running`` marked FAIL
-    gets no more intermediate values, and its result, when it finishes, is added as a new
-    finished trial with the same parameters; one that Optuna already has finished is not told
-    twice."""
+    """OptunaSearch for one kind of trial (New-LLM, or one baseline architecture), which tells its
+    study what Optuna's tools understand without knowing newllm:
+
+    - the value is a val perplexity (``study_value``): a run that failed the gate or diverged
+      counts as one that ``learned_nothing`` (the uniform prediction's perplexity, the vocabulary
+      size), and the trial is infeasible: its constraints (``study_constraints``, in the user
+      attribute ``constraints``, which ``study_sampler``'s TPE reads) are violated. Constrained
+      TPE ranks it below every feasible trial; ``study.best_trial`` is never one;
+    - the intermediate values are the Phase 2 epochs, at step ``phase2_epoch`` the value the
+      trial would be told if stopped there (Phase 1 passes and the analysis are no step);
+    - a trial whose Phase 2 the scheduler stopped is PRUNED (its value: its best epoch's, the last
+      intermediate value), except in a multi-objective study, where Optuna keeps no values for a
+      pruned trial: there it is COMPLETE;
+    - user attributes say what the trial was: the Tune ``trial_id`` (set when it is asked, so the
+      study joins the trials table), ``family``, ``kind``, ``status``, ``node_id``, ``attempts``,
+      ``checkpoint_path`` (relative to the experiment), ``replicates`` and ``constraints``.
+
+    The study lives in a storage that outlives the driver. At a resume the study may be ahead of
+    the searcher's saved state: a trial that ``fail_left_running`` marked FAIL gets no more
+    intermediate values, and its result, when it finishes, is added as a new finished trial with
+    the same parameters and what it would have been told; one that Optuna already has finished
+    is not told twice."""
+
+    def __init__(self, *, kind: str, learned_nothing: float, gate_space: SearchSpace | None = None, **optuna_search):
+        super().__init__(**optuna_search)
+        self.kind, self.learned_nothing, self.gate_space = kind, learned_nothing, gate_space
 
     def _finished_in_study(self, trial_id: str) -> bool:
         ot_trial = self._ot_trials.get(trial_id)
@@ -57,9 +127,88 @@ class StudySearch(OptunaSearch):
         except KeyError:  # lost with a cut journal's last record: nothing to tell it
             return True
 
+    def suggest(self, trial_id: str):
+        asked = trial_id in self._ot_trials
+        config = super().suggest(trial_id)
+        if not asked:
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("trial_id", trial_id)
+            ot_trial.set_user_attr("kind", self.kind)
+        return config
+
+    # Tune gives a searcher its results flattened (a Phase 2 row's summary as ``if_stopped/<key>``):
+    # both hooks read them nested, as the trainable reported them
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._finished_in_study(trial_id):
-            super().on_trial_result(trial_id, result)
+            self._report_epoch(trial_id, unflatten_dict(result))
+
+    def _report_epoch(self, trial_id: str, result: dict) -> None:
+        """Report a Phase 2 row of replicate 0 as the intermediate value at its epoch, unless that
+        epoch has one (a retried trial runs epochs again after its checkpoint)."""
+        if (result.get("phase") != "phase2" or result.get("replicate") or isinstance(self.metric, list)
+                or trial_id in self._completed_trials):
+            return  # (Optuna takes no intermediate values in a multi-objective study)
+        ot_trial, step = self._ot_trials[trial_id], result["phase2_epoch"]
+        if step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+            ot_trial.report(study_value(result["if_stopped"], self.learned_nothing), step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        result = result and unflatten_dict(result)
+        ended = None if error or not result else outcome(result)
+        if not self._finished_in_study(trial_id):
+            if ended is None:  # an error, or a trial Tune removed before it reported: Ray's own telling
+                return super().on_trial_complete(trial_id, result, error)
+            self._tell(trial_id, result, ended)
+        elif ended is not None and self._state(trial_id) == optuna.trial.TrialState.FAIL:
+            ot_trial = self._ot_trials[trial_id]
+            state, values, attrs = self._told(trial_id, result, ended)
+            earlier = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+            # (a trial added whole is no sampler's to see: its constraints go where constraints_func's go)
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                state=state, values=values, params=ot_trial.params, distributions=ot_trial.distributions,
+                intermediate_values=earlier, user_attrs=attrs,
+                system_attrs={_CONSTRAINTS_KEY: list(attrs["constraints"].values())}))
+        self._completed_trials.add(trial_id)
+
+    def _state(self, trial_id: str) -> optuna.trial.TrialState | None:
+        try:
+            return self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id).state
+        except KeyError:
+            return None
+
+    def _tell(self, trial_id: str, result: dict, ended: dict) -> None:
+        ot_trial = self._ot_trials[trial_id]
+        state, values, attrs = self._told(trial_id, result, ended)
+        for key, value in attrs.items():  # before the tell, when the sampler reads the constraints
+            ot_trial.set_user_attr(key, value)
+        if state == optuna.trial.TrialState.PRUNED:
+            # Tune gives a searcher no result its scheduler stopped a trial on: that epoch is reported
+            # here, and the pruned trial's value is this last intermediate value (Optuna's rule)
+            self._report_epoch(trial_id, result)
+            self._ot_study.tell(ot_trial, state=state)
+        else:
+            self._ot_study.tell(ot_trial, values)
+
+    def _told(self, trial_id: str, result: dict, ended: dict) -> tuple[optuna.trial.TrialState, list[float], dict]:
+        """What the study is told of a trial that ended with ``ended`` (``callbacks.outcome`` of its
+        last ``result``): its state, values and user attributes (its constraints among them)."""
+        value = study_value(ended, self.learned_nothing)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [value if m == OBJECTIVES["val_ppl"] else ended[m] for m in metrics]
+        stopped = ended.get("phase2_stop_reason") == "scheduler" and len(metrics) == 1
+        state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.COMPLETE
+        gate = None
+        if self.gate_space is not None:
+            cfg = self.gate_space.trial_config(self._ot_trials[trial_id].params)
+            gate = (cfg.gate_train_er, cfg.gate_val_er)
+        attrs = {"trial_id": trial_id, "family": ended["family"], "kind": self.kind, "status": ended["status"],
+                 "node_id": result.get("node_id"), "attempts": result.get("attempts"),
+                 "checkpoint_path": result.get("checkpoint_path"), "replicates": ended["replicates"],
+                 "constraints": study_constraints(ended, gate)}
+        return state, values, attrs
 
     def bind(self, storage) -> None:
         """Use ``storage``, the study's storage where the experiment is now, for the study and
@@ -68,23 +217,6 @@ class StudySearch(OptunaSearch):
         self._storage = storage
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
-            return
-        if not self._finished_in_study(trial_id):
-            return super().on_trial_complete(trial_id, result, error)
-        ot_trial = self._ot_trials[trial_id]
-        try:
-            failed = self._ot_study._storage.get_trial(ot_trial._trial_id).state == optuna.trial.TrialState.FAIL
-        except KeyError:
-            failed = False
-        if failed and result and not error:
-            values = [result.get(m) for m in self.metric] if isinstance(self.metric, list) \
-                else [result.get(self.metric)]
-            self._ot_study.add_trial(optuna.trial.create_trial(
-                params=ot_trial.params, distributions=ot_trial.distributions, values=values))
-        self._completed_trials.add(trial_id)
 
 
 def kind(config: dict) -> str:
@@ -118,6 +250,7 @@ class KindSearch(Searcher):
         self.matched: tuple[str, dict] | None = None  # the latest New-LLM trial: id, sampled values
         self.storage = None  # the studies' Optuna storage (None: in memory)
         self.landed: dict[str, dict] = {}  # at a resume: the results of the trials whose rows landed
+        self.where: dict[str, dict] = {}  # trial id -> its attempts and checkpoint path (``TrialPlaces``)
 
     def suggest(self, trial_id: str):
         kind_ = list(self.searchers)[self.turn % len(self.searchers)]
@@ -136,7 +269,13 @@ class KindSearch(Searcher):
         self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
+        where = self.where.pop(trial_id, {})
+        self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result and {**result, **where}, error)
+
+    def note(self, trial_id: str, **where) -> None:
+        """Keep what only Tune's trial and the disk know of a running trial (``attempts``,
+        ``checkpoint_path``), for its study's user attributes when it completes."""
+        self.where.setdefault(trial_id, {}).update(where)
 
     def bind(self, storage) -> None:
         """Use ``storage`` for every study, now and after ``restore``."""
@@ -199,6 +338,34 @@ class ExperimentSearch(SearchGenerator):
         moved = copy.copy(storage)
         moved.storage_filesystem, moved.storage_fs_path, moved.experiment_dir_name = fs, fs_path, name
         return moved
+
+
+class TrialPlaces(tune.Callback):
+    """Notes in the searcher (``KindSearch.note``) what only Tune's trial and the disk know of each
+    running trial: its attempts, counted as the trials table counts them (``ParquetResults``: a run
+    of the trial's function starts at ``iterations_since_restore`` 1, and a resumed search goes on
+    from the attempts on disk), and its latest checkpoint, relative to the experiment. Tune tells
+    the searcher that a trial ended before it tells the callbacks, so its study's user attributes
+    come from here."""
+
+    def __init__(self, search: KindSearch, exp_dir: str, relative: Callable[[str], str]):
+        self.search, self.exp_dir, self.relative = search, exp_dir, relative
+        self.attempts: dict[str, int] = {}
+
+    def setup(self, **info) -> None:
+        rows = PartsTable(f"{self.exp_dir}/{ITERATIONS_FILE}").read(["trial_id", "attempt", "node_id"])
+        self.attempts = {trial_id: len(nodes) for trial_id, nodes in attempts_on_disk(rows, set()).items()}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        attempts = self.attempts.get(trial.trial_id, 0)
+        if result.get("iterations_since_restore") == 1 or not attempts:
+            attempts = self.attempts[trial.trial_id] = attempts + 1
+        checkpoint = trial.checkpoint  # (this result's own, if any, comes next: on_checkpoint)
+        self.search.note(trial.trial_id, attempts=attempts,
+                         checkpoint_path=None if checkpoint is None else self.relative(checkpoint.path))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self.search.note(trial.trial_id, checkpoint_path=self.relative(checkpoint.path))
 
 
 class KindScheduler(FIFOScheduler):
@@ -379,7 +546,12 @@ def run_search(run: SearchRun) -> bool:
                                     {"cpu": run.cpus_per_trial, "gpu": run.gpus_per_trial})
     studies = None if run.optuna_storage is None else open_storage(run.optuna_storage)
     total = run.num_trials * len(kinds(space))
-    callbacks = [ParquetResults(exp_dir, TrialRow(space, versions(), exp_dir), TrialRow.dtypes()), Progress(total)]
+    row = TrialRow(space, versions(), exp_dir)
+
+    def callbacks(search: KindSearch) -> list[tune.Callback]:
+        return [ParquetResults(exp_dir, row, TrialRow.dtypes()), TrialPlaces(search, exp_dir, row.relative),
+                Progress(total)]
+
     if run.resume and studies is not None:
         for study in study_names(run.name, space).values():
             fail_left_running(studies, study)
@@ -390,16 +562,17 @@ def run_search(run: SearchRun) -> bool:
         # they had then: a moved or copied experiment must use its own. Tuner has no public way to
         # give them; tests/test_faults.py's relocation test fails if this stops working.
         restored = tuner._local_tuner
-        restored._run_config.callbacks = callbacks
         search_alg = restored._tune_config.search_alg
-        search_alg.relocate(exp_dir, studies, landed_results(exp_dir, space))
+        restored._run_config.callbacks = callbacks(search_alg.kind_search)
+        search_alg.relocate(exp_dir, studies, landed_results(exp_dir))
     else:
         metrics = space.metrics
         metric, mode = (metrics, ["min"] * len(metrics)) if len(metrics) > 1 else (metrics[0], "min")
         searchers = {
             k: StudySearch(space=space.params if k == NEWLLM else space.baselines.params, metric=metric, mode=mode,
-                           sampler=optuna.samplers.TPESampler(seed=run.seed, multivariate=True, constant_liar=True),
-                           study_name=study, storage=studies)
+                           sampler=study_sampler(run.seed),
+                           study_name=study, storage=studies, kind=k, learned_nothing=float(run.data.vocab_size),
+                           gate_space=space if k == NEWLLM else None)
             for k, study in study_names(run.name, space).items()}
         for point in [*space.points, *run.points]:
             # enqueued in the study, the sampler proposes what a point leaves out
@@ -414,7 +587,7 @@ def run_search(run: SearchRun) -> bool:
             tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler(run.scheduler, space),
                                         num_samples=total, reuse_actors=True),
             run_config=tune.RunConfig(name=run.name, storage_path=run.storage_root,
-                                      callbacks=callbacks, verbose=0,
+                                      callbacks=callbacks(searcher), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       # every checkpoint stays while the search runs: a driver killed
                                       # and resumed goes back to its last snapshot of Tune's state, which
@@ -462,14 +635,13 @@ def quiet_tune():
             os.environ["RAY_AIR_NEW_OUTPUT"] = new_output
 
 
-def landed_results(exp_dir: str, space: SearchSpace) -> dict[str, dict]:
-    """Trial id -> the metrics Optuna minimises, of each trial whose row landed (errored trials,
-    which the resumed search runs again, left out)."""
-    table = trials_table(exp_dir).read(["trial_id", "status", *space.metrics])
+def landed_results(exp_dir: str) -> dict[str, dict]:
+    """Trial id -> the row of each trial whose row landed, as the final result it came from
+    (errored trials, which the resumed search runs again, left out)."""
+    table = trials_table(exp_dir).read()
     if table is None:
         return {}
-    return {row["trial_id"]: {m: row[m] for m in space.metrics} for row in table.to_pylist()
-            if row["status"] != "error"}
+    return {row["trial_id"]: {**row, "phase": "final"} for row in table.to_pylist() if row["status"] != "error"}
 
 
 def landed_trials(exp_dir: str) -> int:

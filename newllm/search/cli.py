@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import re
 import shlex
@@ -345,7 +346,9 @@ def run_claimed(args: argparse.Namespace, run: SearchRun, data_floors: dict) -> 
     resources = ray.cluster_resources()
     print(f"Ray: {int(resources.get('CPU', 1))} CPUs, {resources.get('GPU', 0):g} GPUs; {run.concurrency} trials at "
           f"once, {run.cpus_per_trial} CPU(s) and {run.gpus_per_trial:g} GPU(s) each\nExperiment: {exp_dir}")
-    print(f"Optuna study '{run.name}' in {storage}: watch it with optuna-dashboard {storage}\n", flush=True)
+    # optuna-dashboard is an extra (newllm[dashboard]): the hint says how to install it when it is missing
+    install = "" if importlib.util.find_spec("optuna_dashboard") else "pip install 'newllm[dashboard]' && "
+    print(f"Optuna study '{run.name}' in {storage}: watch it with {install}optuna-dashboard {storage}\n", flush=True)
     if "://" not in storage and (aside := repair_journal(storage)):
         print(f"Repaired the Optuna journal {storage}: its last record was cut off mid-write and is kept in "
               f"{aside}", flush=True)
