@@ -762,17 +762,21 @@ def test_a_damaged_part_file_on_resume_is_named_and_nothing_changes(tiny_search,
     assert snapshot(experiment) == before
 
 
-def test_a_resume_of_an_experiment_an_earlier_newllm_started_is_one_line(tiny_search, tmp_path, capsys):
+# as saved by an earlier newllm (each replacement of the same length: the pickle's frames hold)
+@pytest.mark.parametrize("now, then, problem", [
+    (b"newllm.search.callbacks", b"newllm.results.callback", "No module named 'newllm.results'"),  # moved since
+    (b"state_format", b"state_formax", "its search state has format 1, this newllm reads format 2"),  # before formats
+])
+def test_a_resume_of_an_experiment_an_earlier_newllm_started_is_one_line(tiny_search, tmp_path, capsys, now, then,
+                                                                         problem):
     experiment = tmp_path / "res" / "tiny"
     shutil.copytree(tiny_search.directory, experiment)
-    # as saved by a newllm whose Tune callback lived in newllm.results (same length: the pickle's frames hold)
     tuner = experiment / "tuner.pkl"
-    assert b"newllm.search.callbacks" in tuner.read_bytes()
-    tuner.write_bytes(tuner.read_bytes().replace(b"newllm.search.callbacks", b"newllm.results.callback"))
+    assert now in tuner.read_bytes()
+    tuner.write_bytes(tuner.read_bytes().replace(now, then))
     before = snapshot(experiment)
     assert cli.main(["--resume", "--name", "tiny", "--storage-path", str(tmp_path / "res"), "--local"]) == 2
-    assert_one_error(capsys.readouterr().err, "was started by an earlier newllm",
-                     "No module named 'newllm.results'", "start a new --name")
+    assert_one_error(capsys.readouterr().err, "was started by an earlier newllm", problem, "start a new --name")
     assert snapshot(experiment) == before
 
 

@@ -236,6 +236,12 @@ def study_names(name: str, space: SearchSpace) -> dict[str, str]:
     return {k: name if k == NEWLLM else f"{name}-{k}" for k in kinds(space)}
 
 
+# What a restored search needs of the objects Tune saved for it (KindSearch, the StudySearch of
+# each kind, their samplers): one more whenever that changes. 2: the studies' values are
+# perplexities with the gate as a constraint, and stopped trials are pruned.
+STATE_FORMAT = 2
+
+
 class KindSearch(Searcher):
     """The search's trials in turns: a New-LLM trial from the New-LLM study, then, with baselines,
     one trial of each baseline architecture, sized to that New-LLM trial (``space.baseline_trial``)
@@ -251,6 +257,7 @@ class KindSearch(Searcher):
         self.storage = None  # the studies' Optuna storage (None: in memory)
         self.landed: dict[str, dict] = {}  # at a resume: the results of the trials whose rows landed
         self.where: dict[str, dict] = {}  # trial id -> its attempts and checkpoint path (``TrialPlaces``)
+        self.state_format = STATE_FORMAT  # missing_code refuses to resume another
 
     def suggest(self, trial_id: str):
         kind_ = list(self.searchers)[self.turn % len(self.searchers)]
@@ -504,12 +511,24 @@ class _Anything:
 
 
 class _NewllmNames(pickle.Unpickler):
-    """Reads a pickle only to check that each newllm class or function it names still exists."""
+    """Reads a pickle only to check that each newllm class or function it names still exists, and
+    keeps the state of each newllm object in it (``states``: (module.name, state))."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.states: list[tuple[str, object]] = []
 
     def find_class(self, module: str, name: str):
-        if module == "newllm" or module.startswith("newllm."):
-            super().find_class(module, name)  # ImportError or AttributeError when this newllm lacks it
-        return _Anything
+        if not (module == "newllm" or module.startswith("newllm.")):
+            return _Anything
+        super().find_class(module, name)  # ImportError or AttributeError when this newllm lacks it
+        states = self.states
+
+        class Recorded(_Anything):
+            def __setstate__(self, state) -> None:
+                states.append((f"{module}.{name}", state))
+
+        return Recorded
 
     def persistent_load(self, pid) -> _Anything:
         return _Anything()
@@ -526,12 +545,18 @@ def missing_code(exp_dir: str) -> str | None:
                    if i.base_name == "tuner.pkl" or re.fullmatch(r"searcher-state-.*\.pkl", i.base_name))
     for file in saved:
         with fs.open_input_file(file) as f:
+            names = _NewllmNames(io.BytesIO(f.read()))
             try:
-                _NewllmNames(io.BytesIO(f.read())).load()
+                names.load()
             except (ImportError, AttributeError) as e:
                 return f"{os.path.basename(file)}: {e}"
             except Exception:  # damage, not a question of versions: Tune's restore reports it
                 continue
+        for name, state in names.states:
+            if name == f"{KindSearch.__module__}.{KindSearch.__name__}" and isinstance(state, dict) \
+                    and state.get("state_format", 1) != STATE_FORMAT:
+                return (f"{os.path.basename(file)}: its search state has format {state.get('state_format', 1)}, "
+                        f"this newllm reads format {STATE_FORMAT}")
     return None
 
 
