@@ -129,9 +129,11 @@ def perplexity(loss: float) -> float:
 # hand-over settles in a few passes (the ops a read dispatches shrink with the stream length)
 VAL_STREAM_TOKENS = 128
 # A hand-over pass settles when no handed-over context moved by more than this since the pass
-# before (contexts are LayerNorm outputs, O(1): a few float32 ulps below it, val perplexity
-# well within 1e-5 relative of the sequential read's)
-VAL_TOLERANCE = 1e-5
+# before. Contexts are LayerNorm outputs, O(1); float32 rounding alone moves some hand-overs by
+# up to ~3e-5 from pass to pass on weakly contracting weights (a 1-ulp change at a stream's
+# start, amplified along it), so a tighter bound may never settle. A context off by 1e-4 at a
+# few stream starts, fading along the stream, moves val perplexity by far less than 1e-5
+VAL_TOLERANCE = 1e-4
 # Hand-over passes before a read falls back to the sequential read (B streams need at most B)
 VAL_MAX_PASSES = 16
 
