@@ -202,11 +202,18 @@ def sequential_contexts(model: NewLLM, ids: torch.Tensor) -> torch.Tensor:
     return model.contexts(ids[:-1])
 
 
+def check_val_stream(ids: torch.Tensor) -> None:
+    """A val stream needs a token after the first to predict."""
+    if len(ids) < 2:
+        raise ValueError(f"a stream of {len(ids)} tokens has no next token to predict")
+
+
 def read_contexts(model: NewLLM, ids: torch.Tensor, *, streams: int | None = None, tolerance: float = VAL_TOLERANCE,
                   max_passes: int = VAL_MAX_PASSES) -> StreamRead:
     """The contexts after each of ``ids``[:-1] read as one sequence from zero context, by the
     hand-over passes over ``streams`` streams (``val_streams``' if None), or, if those did
     not settle, by the sequential read: never from unsettled hand-overs."""
+    check_val_stream(ids)
     tokens = ids[:-1]
     contexts, passes = handover_contexts(model, tokens, val_streams(len(tokens)) if streams is None else streams,
                                          tolerance=tolerance, max_passes=max_passes)
@@ -226,17 +233,11 @@ def head_metrics(model: NewLLM, contexts: torch.Tensor, targets: torch.Tensor) -
     return total_loss / len(targets), correct / len(targets)
 
 
-def check_val_stream(ids: torch.Tensor) -> None:
-    if len(ids) < 2:
-        raise ValueError(f"a stream of {len(ids)} tokens has no next token to predict")
-
-
 def stream_metrics(model: NewLLM, ids: torch.Tensor, *, streams: int | None = None,
                    tolerance: float = VAL_TOLERANCE, max_passes: int = VAL_MAX_PASSES) -> ValMetrics:
     """(mean cross-entropy, accuracy, passes, fallback) of the model reading ``ids`` from zero
     context and predicting every token after the first: the definition of val loss and
     perplexity, read by ``read_contexts`` (its keyword arguments)."""
-    check_val_stream(ids)
     r = read_contexts(model, ids, streams=streams, tolerance=tolerance, max_passes=max_passes)
     return ValMetrics(*head_metrics(model, r.contexts, ids[1:]), r.passes, r.fallback)
 
