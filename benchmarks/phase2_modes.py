@@ -4,7 +4,8 @@ Runs the laptop search once per Phase 2 mode (default: the context layers train 
 recurrence; ``freeze_context``: the head alone) with the same seed, so both modes get the same
 sampled configurations (8 trials are all within the TPE sampler's random start-up). Then every
 passed trial's final checkpoint is read back and measured on the val stream with the one
-definition, ``phase2.stream_metrics``: the model reading the stream from zero context.
+definition, read one token at a time (``phase2.sequential_stream_metrics``, the oracle of the
+parallel read the search reports): the model reading the stream from zero context.
 
     .venv/bin/python benchmarks/phase2_modes.py [--space laptop] [--seed 0] [--out DIR]
 
@@ -26,7 +27,7 @@ import yaml
 from newllm import experiment
 from newllm.checkpoint import load_model
 from newllm.data import DataConfig, prepare_data
-from newllm.phase2 import stream_metrics
+from newllm.phase2 import sequential_stream_metrics
 from newllm.search import cli
 from newllm.space import load_space, resolve_space
 
@@ -66,7 +67,7 @@ def main() -> None:
             real = None
             if row.status == "passed":
                 model, _ = load_model(row.checkpoint_path)
-                real = math.exp(stream_metrics(model, data.val_ids)[0])
+                real = math.exp(sequential_stream_metrics(model, data.val_ids)[0])
                 errors.append(abs(row.val_ppl - real) / real)
                 reals.append(real)
             rows.append((mode, row.trial_id, row.architecture, row.context_dim, row.num_layers, row.status,

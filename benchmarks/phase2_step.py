@@ -12,8 +12,9 @@ embedded corpus), time ``--steps`` optimiser steps of
 
 in interleaved rounds (a slow spell of a shared machine hits both alike); the medians are
 reported, with the ratio newllm / plain per mode. An epoch also measures val
-(``stream_metrics``) and, after an improving epoch, copies the best weights and the state that
-resumes Phase 2; their cost per epoch is reported beside the steps'.
+(``stream_metrics``: the parallel hand-over read; the sequential read, its oracle, is timed
+beside it) and, after an improving epoch, copies the best weights and the state that resumes
+Phase 2; their cost per epoch is reported beside the steps'.
 
     .venv/bin/python benchmarks/phase2_step.py [--size default|laptop] [--device cuda]
 
@@ -137,6 +138,7 @@ def main() -> None:
 
     # per epoch beyond the steps: val by the one definition, and an improving epoch's copies
     val_s = statistics.median(timed(lambda: phase2.stream_metrics(model, val_ids), args.device) for _ in range(3))
+    val_sequential_s = timed(lambda: phase2.sequential_stream_metrics(model, val_ids), args.device)
     m_, optimizer, params = side(False)
     phase2.tbptt_epoch(m_, optimizer, params, e, targets, start, args.bptt)  # Adam has its state
     copy_s = statistics.median(timed(lambda: (copy.deepcopy(m_.state_dict()), copy.deepcopy(optimizer.state_dict())),
@@ -148,7 +150,8 @@ def main() -> None:
         print(f"{mode:8} mode: newllm {step_ms[mode]:.3f} ms/step, plain {step_ms[mode + '_plain']:.3f} ms/step, "
               f"ratio {step_ms[mode] / step_ms[mode + '_plain']:.3f}")
     print(f"an epoch of {len(ids):,} train tokens: {full_steps} steps {epoch_train_s:.2f} s; val "
-          f"({len(val_ids):,} tokens) {val_s:.2f} s; best-epoch copies {copy_s * 1e3:.1f} ms")
+          f"({len(val_ids):,} tokens) {val_s:.2f} s (sequential read {val_sequential_s:.2f} s); best-epoch copies "
+          f"{copy_s * 1e3:.1f} ms")
     print(json.dumps({"benchmark": "phase2_step", "size": args.size, "architecture": args.architecture,
                       "device": args.device, "threads": threads, "batch_size": args.batch_size, "bptt": args.bptt,
                       "streams": streams, "steps": args.steps,
@@ -156,6 +159,7 @@ def main() -> None:
                       "ratio_default": round(step_ms["default"] / step_ms["default_plain"], 4),
                       "ratio_freeze": round(step_ms["freeze"] / step_ms["freeze_plain"], 4),
                       "epoch_train_s": round(epoch_train_s, 3), "epoch_val_s": round(val_s, 3),
+                      "epoch_val_sequential_s": round(val_sequential_s, 3),
                       "best_epoch_copy_ms": round(copy_s * 1e3, 3)}))
 
 

@@ -5,7 +5,12 @@ stream as one sequence from zero context, with its current weights, and predicts
 token: position t + 1 from the context after position t, for every val token after the
 first (N - 1 predictions for N tokens). That is what ``NewLLM.contexts``, the Hugging Face
 ``forward`` and ``generate`` compute, and every val loss, perplexity and accuracy that newllm
-reports or optimises is this one.
+reports or optimises is this one. It is computed in parallel (``read_contexts``): the stream
+split into contiguous streams read side by side that hand over, as Phase 1's do, pass after
+pass until every stream starts where the one before it ends (within ``VAL_TOLERANCE``): the
+sequential read's contexts in a few batched passes. Where the hand-over does not settle
+within ``VAL_MAX_PASSES`` the read falls back to the sequential one (``sequential_contexts``,
+also the test oracle), and the epoch's record says so.
 
 The head ``Linear(C -> vocab)`` always trains; embeddings stay frozen, as in Phase 1. Two
 modes for the context-update layers:
@@ -40,7 +45,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +72,8 @@ class EpochRecord:
     val_ppl: float
     val_acc: float
     seconds: float
+    val_passes: int | None = None     # New-LLM's val read: its hand-over passes (None: a baseline)
+    val_fallback: bool | None = None  # and whether it fell back to the sequential read
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,11 +125,101 @@ def perplexity(loss: float) -> float:
 
 # --- the one val definition -------------------------------------------------------------------
 
+# Val streams are at least this long, so that a boundary error fades within one stream and the
+# hand-over settles in a few passes (the ops a read dispatches shrink with the stream length)
+VAL_STREAM_TOKENS = 128
+# A hand-over pass settles when no handed-over context moved by more than this since the pass
+# before. Contexts are LayerNorm outputs, O(1); float32 rounding alone moves some hand-overs by
+# up to ~3e-5 from pass to pass on weakly contracting weights (a 1-ulp change at a stream's
+# start, amplified along it), so a tighter bound may never settle. A context off by 1e-4 at a
+# few stream starts, fading along the stream, moves val perplexity by far less than 1e-5
+VAL_TOLERANCE = 1e-4
+# Hand-over passes before a read falls back to the sequential read (B streams need at most B)
+VAL_MAX_PASSES = 16
+
+
+class ValMetrics(NamedTuple):
+    """A val measurement: (mean cross-entropy, accuracy), and for New-LLM's parallel read the
+    hand-over passes it made and whether it fell back to the sequential read (None for a
+    baseline, whose measure returns the first two only)."""
+
+    loss: float
+    acc: float
+    passes: int | None = None
+    fallback: bool | None = None
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """The contexts [N - 1, C] after each val token but the last, and how they were read."""
+
+    contexts: torch.Tensor
+    passes: int       # hand-over passes made (the bound, when they did not settle)
+    fallback: bool    # the passes did not settle: the contexts are the sequential read's
+
+
+def val_streams(num_tokens: int) -> int:
+    """Side-by-side val streams of a read of ``num_tokens``: each at least VAL_STREAM_TOKENS long."""
+    return max(1, num_tokens // VAL_STREAM_TOKENS)
+
 
 @torch.inference_mode()
-def read_contexts(model: NewLLM, ids: torch.Tensor) -> torch.Tensor:
-    """Contexts [N - 1, C] after each of ``ids``[:-1], read as one sequence from zero context."""
+def handover_contexts(model: NewLLM, tokens: torch.Tensor, streams: int, *, tolerance: float = VAL_TOLERANCE,
+                      max_passes: int = VAL_MAX_PASSES) -> tuple[torch.Tensor | None, int]:
+    """Contexts [T, C] after each of ``tokens`` [T], read as one sequence from zero context, in
+    passes over ``streams`` contiguous streams read side by side (one batched update per
+    position instead of one per token).
+
+    Every pass starts stream 0 from zero context and stream b from stream b - 1's last context
+    of the pass before (the hand-over; zeros on the first pass). Pass k makes streams 0..k-1
+    exact, and for a contraction the later ones converge sooner: the read stops at the first
+    pass whose handed-over contexts all moved by at most ``tolerance`` since the pass before
+    (each stream then started where the stream before it ended), or at pass B, exact by
+    construction. Returns (contexts, passes made); contexts None if the hand-over did not
+    settle within ``min(streams, max_passes)`` passes."""
+    streams = max(1, min(streams, len(tokens)))
+    length = -(-len(tokens) // streams)
+    streams = -(-len(tokens) // length)  # every stream holds a token; only the last may be shorter
+    e = model.embed(tokens)
+    # the last stream's padding is read after its tokens: its contexts are dropped, never handed over
+    e = F.pad(e, (0, 0, 0, streams * length - len(tokens))).view(streams, length, -1)
+    out = torch.empty(streams, length, model.cfg.context_dim, device=e.device, dtype=e.dtype)
+    zero = model.initial_context((1,))
+    start, handed = model.initial_context((streams,)), None
+    for k in range(1, min(streams, max_passes) + 1):
+        _, last = model.scan(e, start, out=out)
+        ends = last[:-1]  # what streams 0..B-2 hand over
+        if k == streams or (handed is not None and float((ends - handed).abs().max()) <= tolerance):
+            return out.flatten(0, 1)[: len(tokens)], k
+        handed, start = ends.clone(), torch.cat([zero, ends])
+    return None, min(streams, max_passes)
+
+
+@torch.inference_mode()
+def sequential_contexts(model: NewLLM, ids: torch.Tensor) -> torch.Tensor:
+    """Contexts [N - 1, C] after each of ``ids``[:-1], read one token at a time as one sequence
+    from zero context: the definition itself, the test oracle of ``read_contexts``."""
     return model.contexts(ids[:-1])
+
+
+def check_val_stream(ids: torch.Tensor) -> None:
+    """A val stream needs a token after the first to predict."""
+    if len(ids) < 2:
+        raise ValueError(f"a stream of {len(ids)} tokens has no next token to predict")
+
+
+def read_contexts(model: NewLLM, ids: torch.Tensor, *, streams: int | None = None, tolerance: float = VAL_TOLERANCE,
+                  max_passes: int = VAL_MAX_PASSES) -> StreamRead:
+    """The contexts after each of ``ids``[:-1] read as one sequence from zero context, by the
+    hand-over passes over ``streams`` streams (``val_streams``' if None), or, if those did
+    not settle, by the sequential read: never from unsettled hand-overs."""
+    check_val_stream(ids)
+    tokens = ids[:-1]
+    contexts, passes = handover_contexts(model, tokens, val_streams(len(tokens)) if streams is None else streams,
+                                         tolerance=tolerance, max_passes=max_passes)
+    if contexts is None:
+        return StreamRead(sequential_contexts(model, ids), passes, True)
+    return StreamRead(contexts, passes, False)
 
 
 @torch.inference_mode()
@@ -136,18 +233,26 @@ def head_metrics(model: NewLLM, contexts: torch.Tensor, targets: torch.Tensor) -
     return total_loss / len(targets), correct / len(targets)
 
 
-def stream_metrics(model: NewLLM, ids: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the model reading ``ids`` from zero context and
-    predicting every token after the first: the definition of val loss and perplexity."""
-    if len(ids) < 2:
-        raise ValueError(f"a stream of {len(ids)} tokens has no next token to predict")
-    return head_metrics(model, read_contexts(model, ids), ids[1:])
+def stream_metrics(model: NewLLM, ids: torch.Tensor, *, streams: int | None = None,
+                   tolerance: float = VAL_TOLERANCE, max_passes: int = VAL_MAX_PASSES) -> ValMetrics:
+    """(mean cross-entropy, accuracy, passes, fallback) of the model reading ``ids`` from zero
+    context and predicting every token after the first: the definition of val loss and
+    perplexity, read by ``read_contexts`` (its keyword arguments)."""
+    r = read_contexts(model, ids, streams=streams, tolerance=tolerance, max_passes=max_passes)
+    return ValMetrics(*head_metrics(model, r.contexts, ids[1:]), r.passes, r.fallback)
+
+
+def sequential_stream_metrics(model: NewLLM, ids: torch.Tensor) -> tuple[float, float]:
+    """``stream_metrics`` by the sequential read, one token at a time: its test oracle."""
+    check_val_stream(ids)
+    return head_metrics(model, sequential_contexts(model, ids), ids[1:])
 
 
 # --- the one fit loop -------------------------------------------------------------------------
 
 TrainEpoch = Callable[[torch.optim.Optimizer, list[nn.Parameter]], float]
-Measure = Callable[[], tuple[float, float]]
+# the val (loss, accuracy), or New-LLM's ValMetrics, which says how its read went
+Measure = Callable[[], tuple[float, float] | ValMetrics]
 
 
 @dataclass(frozen=True)
@@ -188,7 +293,8 @@ def fit(model: nn.Module, params: list[nn.Parameter], *, lr: float, epochs: int,
         patience: Stop after this many epochs without a val improvement.
         train_epoch: Runs one training epoch over its batches, one ``optimizer_step(optimizer,
             params, loss)`` per batch, given (optimizer, params); returns the mean train loss.
-        measure: The val (loss, accuracy) of the model's current weights.
+        measure: The val (loss, accuracy) of the model's current weights, or New-LLM's
+            ``ValMetrics`` (its passes and fallback land in the epoch's record).
         layout: (side-by-side streams, tokens per stream and step) that the result reports.
         order: Where the data order stands after an epoch, ``(carry, generator)`` as in
             ``Phase2State``; with it each best epoch's ``EpochEnd`` holds a ``Phase2State``.
@@ -215,8 +321,10 @@ def fit(model: nn.Module, params: list[nn.Parameter], *, lr: float, epochs: int,
     for epoch in range(len(history) + 1, epochs + 1):
         t0 = time.perf_counter()
         train_loss = train_epoch(optimizer, params)
-        val_loss, val_acc = measure()
-        record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val_acc, time.perf_counter() - t0)
+        val = ValMetrics(*measure())
+        val_loss = val.loss
+        record = EpochRecord(epoch, train_loss, val_loss, perplexity(val_loss), val.acc, time.perf_counter() - t0,
+                             val.passes, val.fallback)
         history.append(record)
         finite = math.isfinite(val_loss) and math.isfinite(train_loss)
         best, state = finite and val_loss < best_loss, None
@@ -316,14 +424,15 @@ def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg
         generator = torch.Generator().manual_seed(cfg.seed)
         if resume is not None:
             generator.set_state(resume.generator)
-        val_contexts = read_contexts(model, val_ids)  # exact for every epoch: the context layers do not move
+        val_read = read_contexts(model, val_ids)  # exact for every epoch: the context layers do not move
 
         def train_epoch(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
             return head_epoch(model, optimizer, params, train.contexts[:-1], ids[1:], cfg.phase2_batch_size,
                               generator)
 
-        def measure() -> tuple[float, float]:
-            return head_metrics(model, val_contexts, val_ids[1:])
+        def measure() -> ValMetrics:
+            return ValMetrics(*head_metrics(model, val_read.contexts, val_ids[1:]), val_read.passes,
+                              val_read.fallback)
 
         def order() -> tuple[None, torch.Tensor]:
             return None, generator.get_state()
@@ -344,7 +453,7 @@ def train_phase2(model: NewLLM, train: FixedContexts, val_ids: torch.Tensor, cfg
             carry = last.roll(1, dims=0)  # hand-over: stream b continues from stream b - 1's end
             return train_loss
 
-        def measure() -> tuple[float, float]:
+        def measure() -> ValMetrics:
             return stream_metrics(model, val_ids)
 
         def order() -> tuple[torch.Tensor, None]:

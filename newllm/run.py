@@ -31,7 +31,8 @@ from newllm.data import TokenData
 from newllm.metrics import FixedPointAnalysis, GateResult, fixed_point_analysis, gate
 from newllm.model import NewLLM
 from newllm.phase1 import PassRecord, Phase1Result, fixed_contexts, train_phase1
-from newllm.phase2 import EpochEnd, EpochRecord, Phase2Result, Phase2State, perplexity, stream_metrics, train_phase2
+from newllm.phase2 import (EpochEnd, EpochRecord, Phase2Result, Phase2State, ValMetrics, perplexity, stream_metrics,
+                           train_phase2)
 
 Status = Literal["passed", "gate_failed", "diverged"]
 Model = NewLLM | BaselineLM
@@ -63,6 +64,7 @@ SUMMARY_DTYPES = {
     "gate_passed": "boolean", "gate_reason": "string",
     "phase2_epochs_run": "Int64", "phase2_best_epoch": "Int64", "phase2_stop_reason": "string",
     "phase2_streams": "Int64", "val_loss": "float64", "val_ppl": "float64", "val_acc": "float64",
+    "val_passes": "Int64", "val_fallbacks": "Int64",
     "final_effective_rank_fraction": "float64", "final_converged_ratio": "float64",
     "phase1_seconds": "float64", "analysis_seconds": "float64", "phase2_seconds": "float64",
     "final_analysis_seconds": "float64",
@@ -103,6 +105,7 @@ class TrainResult:
     phase2: Phase2Result | None = None
     val_loss: float | None = None  # the final model's, by phase2.stream_metrics (= the best epoch's)
     val_acc: float | None = None
+    val_passes: int | None = None  # hand-over passes of that val read (None for a baseline)
     final_analysis: FixedPointAnalysis | None = None  # of the final weights, when Phase 2 moved them
     final_converged_ratio: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -144,6 +147,9 @@ class TrainResult:
             "val_loss": self.val_loss,
             "val_ppl": self.val_ppl,
             "val_acc": self.val_acc,
+            "val_passes": self.val_passes,
+            # Phase 2 epochs whose val read fell back to the sequential read (its hand-over did not settle)
+            "val_fallbacks": sum(r.val_fallback for r in p2.history) if p2 and self.val_passes is not None else None,
             "final_effective_rank_fraction": f.effective_rank_fraction if f else None,
             "final_converged_ratio": self.final_converged_ratio,
             "phase1_seconds": p1.seconds if p1 else None,
@@ -176,17 +182,18 @@ class TrainResult:
             return dataclasses.replace(self, status="diverged")
         best = phase2.best
         stopped = dataclasses.replace(self, status="passed", phase2=phase2, val_loss=best.val_loss,
-                                      val_acc=best.val_acc, final_analysis=None, final_converged_ratio=None)
+                                      val_acc=best.val_acc, val_passes=best.val_passes, final_analysis=None,
+                                      final_converged_ratio=None)
         if not stopped.val_ppl < GATE_PENALTY:
             stopped.status = "diverged"
         return stopped
 
-    def phase2_done(self, phase2: Phase2Result, val: tuple[float, float]) -> None:
-        """Record Phase 2's result and the val (loss, accuracy) of the weights the run ends with
+    def phase2_done(self, phase2: Phase2Result, val: ValMetrics) -> None:
+        """Record Phase 2's result and the val measurement of the weights the run ends with
         (and saves): what a user of the model gets; diverged if Phase 2 diverged or that
         perplexity reached GATE_PENALTY."""
         self.phase2 = phase2
-        self.val_loss, self.val_acc = val
+        self.val_loss, self.val_acc, self.val_passes = val.loss, val.acc, val.passes
         if phase2.stop_reason == "diverged" or not self.val_ppl < GATE_PENALTY:
             self.status = "diverged"
 
@@ -327,7 +334,7 @@ def train_baseline_run(cfg: TrainConfig, data: TokenData, model: BaselineLM, *,
     phase2 = train_baseline(model, train_ids, val_ids, lr=cfg.phase2_lr, epochs=cfg.phase2_epochs,
                             patience=cfg.phase2_patience, batch_size=cfg.phase2_batch_size, bptt=cfg.phase2_bptt,
                             seed=cfg.seed, on_epoch=epoch_callback(result, on_epoch))
-    result.phase2_done(phase2, baseline_stream_metrics(model, val_ids))
+    result.phase2_done(phase2, ValMetrics(*baseline_stream_metrics(model, val_ids)))
     return result
 
 

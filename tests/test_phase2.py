@@ -1,9 +1,12 @@
-"""Phase 2: the one val definition, truncated BPTT through the recurrence, the frozen mode,
-early stopping with the best weights restored."""
+"""Phase 2: the one val definition (the parallel read against its sequential oracle),
+truncated BPTT through the recurrence, the frozen mode, early stopping with the best weights
+restored."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import math
 
 import pytest
 import torch
@@ -55,12 +58,87 @@ def test_stream_metrics_are_the_model_reading_the_stream_from_zero_context(arch)
             c = model.update(model.embed(ids[t]), c)
             logits.append(model.head(c))
         logits = torch.stack(logits)
-    loss, acc = phase2.stream_metrics(model, ids)
     assert len(logits) == len(ids) - 1 == 39  # every token after the first
-    assert loss == pytest.approx(float(F.cross_entropy(logits, ids[1:])), rel=1e-6)
-    assert acc == pytest.approx(float((logits.argmax(-1) == ids[1:]).float().mean()))
-    with pytest.raises(ValueError, match="no next token"):
-        phase2.stream_metrics(model, ids[:1])
+    for loss, acc in (phase2.sequential_stream_metrics(model, ids), phase2.stream_metrics(model, ids, streams=5)[:2]):
+        assert loss == pytest.approx(float(F.cross_entropy(logits, ids[1:])), rel=1e-6)
+        assert acc == pytest.approx(float((logits.argmax(-1) == ids[1:]).float().mean()))
+    for metrics in (phase2.stream_metrics, phase2.sequential_stream_metrics):
+        with pytest.raises(ValueError, match="no next token"):
+            metrics(model, ids[:1])
+
+
+def val_stream(n: int, seed: int = 7) -> torch.Tensor:
+    return torch.randint(VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def trained_model(arch: str) -> NewLLM:
+    """A small model after Phase 1 and two Phase 2 epochs: weights that learned to contract."""
+    model, cfg = small_model(arch), config(architecture=arch, hidden_dim=16 if arch == "residual" else 12,
+                                           phase2_epochs=2)
+    ids = val_stream(400, seed=1)
+    phase2.train_phase2(model, phase2_data(model, cfg, ids), ids[:60], cfg)
+    return model
+
+
+@functools.cache
+def oracle(arch: str, weights: str) -> tuple[NewLLM, torch.Tensor, torch.Tensor]:
+    """(model, val ids, their contexts by the sequential read)."""
+    model = small_model(arch) if weights == "random" else trained_model(arch)
+    ids = val_stream(646)  # 645 predictions: 5 or 6 tokens per stream at B = 128, the last stream shorter
+    return model, ids, phase2.sequential_contexts(model, ids)
+
+
+@pytest.mark.parametrize("arch", ["residual", "gated"])
+@pytest.mark.parametrize("weights", ["random", "trained"])
+@pytest.mark.parametrize("streams", [1, 7, 128])
+def test_parallel_val_equals_the_sequential_read(arch, weights, streams):
+    """The hand-over passes give the sequential read's perplexity (within 1e-5 relative), and
+    never by falling back: B passes are exact by construction, so max_passes = B always settles."""
+    model, ids, contexts = oracle(arch, weights)
+    read = phase2.read_contexts(model, ids, streams=streams, max_passes=streams)
+    assert not read.fallback and 1 <= read.passes <= streams
+    torch.testing.assert_close(read.contexts, contexts, rtol=0, atol=1e-4)
+    got_loss, got_acc = phase2.head_metrics(model, read.contexts, ids[1:])
+    want_loss, want_acc = phase2.head_metrics(model, contexts, ids[1:])
+    assert math.exp(got_loss) == pytest.approx(math.exp(want_loss), rel=1e-5)
+    assert got_acc == pytest.approx(want_acc, abs=1 / len(ids))  # at most one argmax tie may flip
+
+
+def test_trained_weights_settle_in_fewer_passes_than_streams():
+    """The point of the hand-over: a model that contracts settles long before pass B."""
+    model, ids, _ = oracle("residual", "trained")
+    got = phase2.read_contexts(model, ids, streams=20, max_passes=20)
+    assert not got.fallback and got.passes < 20
+
+
+def test_unsettled_hand_over_falls_back_to_the_sequential_read():
+    """One pass cannot show that B > 1 streams settled (nothing to compare it with): the read
+    falls back and says so, and its number is the sequential read's, never the unsettled one's."""
+    model, ids = small_model(), val_stream(400)
+    assert phase2.handover_contexts(model, ids[:-1], 7, max_passes=1) == (None, 1)
+    got = phase2.stream_metrics(model, ids, streams=7, max_passes=1)
+    assert (got.passes, got.fallback) == (1, True)
+    assert got[:2] == phase2.sequential_stream_metrics(model, ids)
+    settled = phase2.stream_metrics(model, ids, streams=7, max_passes=7)
+    assert not settled.fallback and settled.passes > 1
+
+
+def test_phase2_epochs_count_val_fallbacks(monkeypatch):
+    """Each epoch's record says how its val read went; a run's summary counts the fallbacks."""
+    from newllm.run import SUMMARY_DTYPES, TrainResult
+
+    monkeypatch.setattr(phase2, "stream_metrics", functools.partial(phase2.stream_metrics, streams=4, max_passes=1))
+    model, cfg = small_model(), config(phase2_epochs=2)
+    ids = val_stream(200, seed=1)
+    result = phase2.train_phase2(model, phase2_data(model, cfg, ids), ids[:60], cfg)
+    assert [(r.val_passes, r.val_fallback) for r in result.history] == [(1, True), (1, True)]
+    run = TrainResult(cfg, "passed", 1, 1, None)
+    run.phase2_done(result, phase2.stream_metrics(model, ids[:60]))
+    summary = run.summary()
+    assert summary.keys() == SUMMARY_DTYPES.keys()
+    assert (summary["val_passes"], summary["val_fallbacks"]) == (1, 2)
+    assert summary["val_loss"] == result.best.val_loss
 
 
 # --- truncated backpropagation through the recurrence ---------------------------------------
@@ -135,7 +213,7 @@ def test_default_mode_trains_the_recurrence_and_reports_the_model_it_keeps():
     assert not any(not torch.equal(before[k], v) for k, v in model.state_dict().items()
                    if k.startswith("token_embedding."))
     # what the kept weights do on the val stream is the best epoch's reported figure
-    assert phase2.stream_metrics(model, ids[:60]) == (result.best.val_loss, result.best.val_acc)
+    assert phase2.stream_metrics(model, ids[:60])[:2] == (result.best.val_loss, result.best.val_acc)
 
 
 @pytest.mark.parametrize("freeze", [False, True])
