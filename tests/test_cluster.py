@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from newllm import experiment
+from test_search import assert_study_matches_table
 
 GATE_OPEN = "gate_train_er: 0.0\n  gate_val_er: 0.0"  # every trial that does not diverge runs Phase 2
 
@@ -170,14 +171,14 @@ def test_sigkilled_driver_resumes_with_every_trial_once(tiny_space, tmp_path):
         trials, iterations = experiment.load(tmp_path / "res" / "k")
         assert_raw_rows_unique(trials, iterations, 4)
         assert (trials.status != "error").all()
-        # the Optuna study: nothing left RUNNING by the killed drivers, every trial's result once
+        # the Optuna study: nothing left RUNNING by the killed drivers; every trial's result once, with
+        # its state, value and user attributes as the trials table has them
         journal = tmp_path / "res" / "k" / experiment.OPTUNA_JOURNAL
         study = optuna.load_study(study_name="k", storage=optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(journal))))
         states = [t.state for t in study.trials]
         assert optuna.trial.TrialState.RUNNING not in states
-        complete = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert sorted(complete) == pytest.approx(sorted(trials.objective))
+        assert_study_matches_table(tmp_path / "res" / "k", "k")
         print("\n" + trials[["trial_id", "attempts", "phase1_restored", "status"]].to_string(index=False))
         print(f"Optuna study: {len(states)} trials, " + ", ".join(f"{states.count(s)} {s.name}" for s in set(states)))
         assert_no_ray_left(ray_tmp)
