@@ -194,7 +194,7 @@ def test_the_experiment_keeps_its_space_and_resume_needs_no_space_file(tmp_path,
     exp = str(tmp_path / "res" / "kept")
     kept, original = recorded_space(exp), load_space(space_file)
     assert kept.params == original.params == recorded_distributions(exp)
-    assert kept.fixed == {**original.fixed, "seed": 3} and kept.num_trials == original.num_trials
+    assert kept.fixed == {**original.fixed, "seed": 3} and kept.num_trials == 1 != original.num_trials
     assert kept.data["num_samples"] == original.data["num_samples"] and kept.data["source"] == "builtin"
     assert (tmp_path / "res" / "kept" / "report.html").is_file()
     space_file.unlink()  # the checkout's copy is gone or changed: the experiment does not need it
@@ -202,7 +202,10 @@ def test_the_experiment_keeps_its_space_and_resume_needs_no_space_file(tmp_path,
     assert cli.main(args + ["--space", "laptop"]) == 2
     err = capsys.readouterr().err
     assert "--space give another" in err and "params.architecture" in err and "fixed.seed" in err
+    assert cli.main(args + ["--num-trials", "2"]) == 2  # the resume runs as many trials as the search began with
+    assert "--num-trials give another (num_trials differ)" in capsys.readouterr().err
     assert cli.main(args) == 0
+    assert "'kept': 1 trials of" in capsys.readouterr().out
     ray.shutdown()
     assert len(experiment.load(exp)[0]) == 1
 

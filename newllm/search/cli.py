@@ -163,10 +163,11 @@ def plan_search(args: argparse.Namespace) -> Plan:
             load(exp_dir)  # every part file readable (ValueError naming a damaged one) before Tune appends
     space = recorded_space(exp_dir) if args.resume else None
     given = ["--space"] * (args.space is not None) + ["--repeats"] * (args.repeats is not None) + \
-        data_flags_given(args)
+        ["--num-trials"] * (args.num_trials is not None) + data_flags_given(args)
     if space is None:  # a new search
         space = space_from_args(args)
-    elif given and (diff := space_differences(space, space_from_args(args))):
+    elif given and (diff := space_differences(space, space_from_args(args) if args.space
+                                              else with_options(space, args))):
         raise ValueError(f"--resume continues with {exp_dir}/{SPACE_FILE}, the space this experiment recorded, "
                          f"but {', '.join(given)} give another ({', '.join(diff)} differ): drop them")
     if args.baselines and space.baselines is None:
@@ -194,7 +195,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
     data = prepare_data(data_cfg)
     space.check_baselines(data.vocab_size)
     run = SearchRun(name=args.name, storage_root=storage_root(args.storage_path), space=space, data=data,
-                    num_trials=args.num_trials or space.num_trials, concurrency=args.concurrency,
+                    num_trials=space.num_trials, concurrency=args.concurrency,
                     cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, seed=args.seed,
                     scheduler=args.scheduler, resume=args.resume, optuna_storage=storage)
     return Plan(run, data_cfg)
@@ -385,21 +386,29 @@ def baselines_line(space: SearchSpace, num_trials: int) -> str:
 
 
 def space_from_args(args: argparse.Namespace) -> SearchSpace:
-    """The space a new search runs: --space (default laptop) with the command line's data options
-    over its data section, and --seed for its trials unless the space sets or searches it."""
-    space = load_space(resolve_space(args.space or "laptop"))
+    """The space a new search runs: --space (default laptop) with the command line's options
+    (``with_options``)."""
+    return with_options(load_space(resolve_space(args.space or "laptop")), args)
+
+
+def with_options(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
+    """``space`` with the command line's data options over its data section, --seed for its
+    trials unless the space sets or searches it, and --repeats and --num-trials where given."""
     data_cfg = data_config_from_args(args, base=space.data).to_dict()
     space = dataclasses.replace(space, data={k: v for k, v in data_cfg.items() if k != "cache_dir"})
     if "seed" not in space.params and "seed" not in space.fixed:
         space = dataclasses.replace(space, fixed={**space.fixed, "seed": args.seed})
     if args.repeats is not None:
         space = dataclasses.replace(space, repeats=args.repeats)
+    if args.num_trials is not None:  # recorded, so that a resume runs, and says, as many
+        space = dataclasses.replace(space, num_trials=args.num_trials)
     return space
 
 
 def space_differences(a: SearchSpace, b: SearchSpace) -> list[str]:
-    """The sections (params.x, fixed.x, data.x, objectives, repeats) in which two spaces differ."""
-    diff = [name for name in ("objectives", "repeats", "baselines") if getattr(a, name) != getattr(b, name)]
+    """The sections (params.x, fixed.x, data.x, objectives, repeats, num_trials) in which two spaces differ."""
+    diff = [name for name in ("objectives", "repeats", "num_trials", "baselines")
+            if getattr(a, name) != getattr(b, name)]
     for section in ("params", "fixed", "data"):
         x, y = getattr(a, section), getattr(b, section)
         diff += [f"{section}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
