@@ -537,8 +537,8 @@ class _NewllmNames(pickle.Unpickler):
 def missing_code(exp_dir: str) -> str | None:
     """Why Tune cannot restore the experiment at ``exp_dir`` with this newllm, or None: its saved
     state (``tuner.pkl``, ``searcher-state-*.pkl``) names newllm classes by their module, and a
-    state saved by an earlier newllm may name ones that have since moved. Checked without
-    building anything, so before Ray starts."""
+    state saved by an earlier newllm may name ones that have since moved, or hold a KindSearch
+    of another ``STATE_FORMAT``. Checked without building anything, so before Ray starts."""
     fs, path = filesystem(exp_dir)
     selector = pyarrow.fs.FileSelector(path, allow_not_found=True)
     saved = sorted(i.path for i in fs.get_file_info(selector)
