@@ -91,6 +91,10 @@ def ray_cluster() -> Iterator[RayCluster]:
     port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        # the head's dashboard agent takes jobs; on Ray's default port (52365) it would fail to bind
+        # while any other Ray on this machine holds it, and every submission would end in "No
+        # available agent"
+        "dashboard_agent_listen_port": free_port(),
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
                            "health_check_initial_delay_ms": 0}})
     try:
