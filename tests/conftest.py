@@ -81,28 +81,39 @@ class RayCluster:
     def address(self) -> str:
         return self.cluster.address
 
+    def replace(self, lost) -> None:
+        """A new 1-CPU worker node in place of ``lost``, which a test removed."""
+        self.workers.remove(lost)
+        self.workers.append(self.cluster.add_node(num_cpus=1))
+        self.cluster.wait_for_nodes()
 
-@pytest.fixture
+
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
     """A head that schedules no trials (``num_cpus=0``) and two worker nodes of 1 CPU each, torn
-    down by its own handle. Node deaths are detected within about a second."""
+    down by its own handle; one per module (its tests share an ``xdist_group``), as starting one
+    takes a loaded machine half a minute. Node deaths are detected within about a second. It
+    holds RAY_STOP_LOCK shared while it lives, so that no ``alone`` test stops it between tests."""
     from ray.cluster_utils import Cluster
 
-    port = free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-        # the head's dashboard agent takes jobs; on Ray's default port (52365) it would fail to bind
-        # while any other Ray on this machine holds it, and every submission would end in "No
-        # available agent"
-        "dashboard_agent_listen_port": free_port(),
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
-                           "health_check_initial_delay_ms": 0}})
-    try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
-        yield RayCluster(cluster, workers, f"http://127.0.0.1:{port}")
-    finally:
-        cluster.shutdown()
+    with open(RAY_STOP_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        port = free_port()
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            # the head's dashboard agent takes jobs; on Ray's default port (52365) it would fail to
+            # bind while any other Ray on this machine holds it, and every submission would end in
+            # "No available agent"
+            "dashboard_agent_listen_port": free_port(),
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
+                               "health_check_initial_delay_ms": 0}})
+        try:
+            workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+            cluster.wait_for_nodes()
+            yield RayCluster(cluster, workers, f"http://127.0.0.1:{port}")
+        finally:
+            cluster.shutdown()
+
 
 # a search space whose trials finish in seconds; %s takes more fixed settings
 TINY_SPACE = """

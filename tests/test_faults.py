@@ -615,15 +615,18 @@ def test_ctrl_c_stops_cleanly_and_the_copied_experiment_resumes_and_exports_from
     os.killpg(running.pid, signal.SIGINT)  # Ctrl+C reaches the terminal's whole process group
     assert running.wait(timeout=120) == 130
     assert_one_line(running.stderr.read(), "interrupted:", "--resume --name m")
-    assert not (old / "m" / "report.html").exists() and len(exp.load(old / "m")[0]) >= 1
+    before, _ = exp.load(old / "m")
+    assert not (old / "m" / "report.html").exists() and len(before) >= 1
     # the interrupted experiment, copied elsewhere, the original deleted
     shutil.copytree(old / "m", new / "m")
     shutil.rmtree(old)
     done = driver.run("--resume", "--name", "m", "--storage-path", str(new), "--local")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not old.exists()  # nothing went to the original's place
-    trials, _ = exp.load(new / "m")
+    trials, iterations = exp.load(new / "m")
     assert len(trials) == 3 and not trials.checkpoint_path.str.startswith("/").any()
+    # nothing landed before the interrupt was lost or landed again
+    assert set(before.trial_id) <= set(trials.trial_id) and not iterations.duplicated(exp.ITERATION_KEY).any()
     assert_study_matches_table(new / "m", "m")
     shutil.copytree(new / "m", tmp_path / "again")  # and once more, finished, for the export
     shutil.rmtree(new)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,29 +112,6 @@ def test_bad_options_exit_2(tmp_path, capsys, args, message):
     code = cli.main(["--storage-path", str(tmp_path / "res"), *args])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "res").exists()
-
-
-@pytest.mark.slow(seconds=75)
-def test_interrupted_search_resumes_without_losing_or_duplicating(tmp_path, tiny_space):
-    space = tiny_space("phase1_min_iter: 4")
-    args = [sys.executable, "-m", "newllm.search", "--local", "--space", space, "--name", "r",
-            "--storage-path", str(tmp_path / "res"), "--num-trials", "3", "--concurrency", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for line in driver.stdout:  # wait until the first trial has finished and landed
-        if "1/3 finished" in line:
-            break
-    driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and the driver exits
-    driver.communicate(timeout=120)
-    before, _ = experiment.load(tmp_path / "res" / "r")
-    assert 1 <= len(before) < 3
-    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    after, iterations = experiment.load(tmp_path / "res" / "r")
-    assert len(after) == 3 and after.trial_id.is_unique
-    assert set(before.trial_id) <= set(after.trial_id)
-    assert not iterations.duplicated(experiment.ITERATION_KEY).any()
-    assert (after.status != "error").all()
 
 
 def test_local_storage_on_a_multi_node_cluster_is_warned_not_refused(tmp_path):
