@@ -1,0 +1,82 @@
+"""Ablations: a run without Phase 1, the statistics of paired trials, the space's ablations
+section and the search's sibling trials."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_SPACE
+
+from newllm import run
+from newllm.config import TrainConfig
+from newllm.data import DataConfig, prepare_data
+from newllm.run import SUMMARY_DTYPES, build_model, checkpoint_record, resume_from, train_run
+from newllm.space import parse_space
+
+# what only a run with Phase 1 fills: its passes, the fixed-point analysis and the gate
+PHASE1_COLUMNS = ["phase1_passes", "phase1_stop_reason", "converged_ratio", "fixed_passes", "val_fixed_passes",
+                  "val_converged_ratio", "train_effective_rank", "train_effective_rank_fraction",
+                  "val_effective_rank", "val_effective_rank_fraction", "gate_passed", "gate_reason",
+                  "phase1_seconds", "analysis_seconds", "final_converged_ratio"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    space = parse_space(TINY_SPACE % "", "tiny.yaml")
+    return prepare_data(DataConfig(**space.data, cache_dir=str(tmp_path_factory.mktemp("cache"))))
+
+
+def no_phase1_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"context_dim": 8, "embed_dim": 8, "hidden_dim": 16, "num_layers": 1, "phase1_max_iter": 0,
+                          "phase2_epochs": 2, "phase2_lr": 1e-3, "phase2_batch_size": 64, "seed": 3, **overrides})
+
+
+def test_phase1_off_is_a_setting_and_needs_a_phase2():
+    assert not no_phase1_config().phase1 and TrainConfig().phase1
+    with pytest.raises(ValueError, match="phase1_max_iter must be >= 0"):
+        no_phase1_config(phase1_max_iter=-1)
+    with pytest.raises(ValueError, match="nothing to run"):
+        no_phase1_config(skip_phase2=True)
+
+
+@pytest.mark.parametrize("freeze_context", [False, True])
+def test_without_phase1_phase2_trains_the_initial_weights_and_no_phase1_code_runs(tiny_data, monkeypatch,
+                                                                                   freeze_context):
+    def phase1_ran(*args, **kwargs):
+        raise AssertionError("Phase 1 code ran")
+
+    monkeypatch.setattr(run, "train_phase1", phase1_ran)
+    monkeypatch.setattr(run, "fixed_contexts", phase1_ran)
+    monkeypatch.setattr(run, "fixed_point_analysis" if freeze_context else "gate", phase1_ran)
+    entering = []
+    train_phase2 = run.train_phase2
+
+    def spy(model, *args, **kwargs):
+        entering.append({k: v.clone() for k, v in model.state_dict().items()})
+        return train_phase2(model, *args, **kwargs)
+
+    monkeypatch.setattr(run, "train_phase2", spy)
+    cfg = no_phase1_config(freeze_context=freeze_context)
+    torch.set_num_threads(1)
+    model = build_model(cfg, tiny_data.vocab_size)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    epochs = []
+    result = train_run(cfg, tiny_data, model, on_pass=pytest.fail, on_gate=pytest.fail, on_epoch=epochs.append)
+
+    assert len(entering) == 1 and entering[0].keys() == initial.keys()
+    assert all(torch.equal(entering[0][k], initial[k]) for k in initial)
+    summary = result.summary()
+    assert summary.keys() == SUMMARY_DTYPES.keys()
+    assert summary["status"] == "passed" and summary["family"] == "newllm"
+    assert all(summary[k] is None for k in PHASE1_COLUMNS), {k: summary[k] for k in PHASE1_COLUMNS}
+    assert summary["phase2_epochs_run"] == 2 and math.isfinite(summary["val_ppl"])
+    assert (summary["final_effective_rank_fraction"] is None) == freeze_context
+    assert summary["val_ppl"] < tiny_data.vocab_size  # it learned something from the initial weights
+
+    # a search checkpoint of a Phase 2 epoch resumes it, with no Phase 1 to restore
+    best = next(e for e in reversed(epochs) if e.best)
+    resume = resume_from(checkpoint_record(best.if_stopped, best.state))
+    assert resume.phase1 is None and resume.analysis is None and resume.phase2 is not None
+
