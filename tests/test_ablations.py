@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_SPACE
 
-from newllm import run
+from newllm import run, stats
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, prepare_data
 from newllm.run import SUMMARY_DTYPES, build_model, checkpoint_record, resume_from, train_run
@@ -80,3 +80,30 @@ def test_without_phase1_phase2_trains_the_initial_weights_and_no_phase1_code_run
     resume = resume_from(checkpoint_record(best.if_stopped, best.state))
     assert resume.phase1 is None and resume.analysis is None and resume.phase2 is not None
 
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_the_t_quantiles_are_the_tables():
+    # two-sided 95% critical values of Student's t, from any statistics table
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 5: 2.5706, 8: 2.3060, 30: 2.0423}
+    for df, t in table.items():
+        assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    assert stats.t_quantile(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
+
+
+def test_the_paired_interval_is_the_hand_computed_one():
+    # three configurations' val_ppl with and without Phase 1, at the same seeds: +10%, +20%, +0%
+    with_phase1, without = [110.0, 60.0, 40.0], [100.0, 50.0, 40.0]
+    # by hand: differences 10, 20, 0; mean 10; s = 10; t(0.975, 2) = 4.302653; half = 4.302653 * 10 / sqrt(3)
+    half = 4.302653 * 10 / math.sqrt(3)
+    interval = stats.paired_interval(with_phase1, without)
+    assert (interval.mean, interval.n) == (pytest.approx(10.0), 3)
+    assert interval.low == pytest.approx(10 - half, abs=1e-4) and interval.high == pytest.approx(10 + half, abs=1e-4)
+    assert not interval.excludes_zero()
+    absolute = stats.paired_interval(with_phase1, without, relative=False)
+    assert absolute.mean == pytest.approx(20 / 3)
+    one = stats.paired_interval([2.0], [1.0])
+    assert one.mean == pytest.approx(100.0) and math.isnan(one.low) and math.isnan(one.high)
+    with pytest.raises(ValueError, match="as many"):
+        stats.paired_interval([1.0], [1.0, 2.0])
