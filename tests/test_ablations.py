@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_SPACE
+from conftest import TINY_SPACE, tiny_space_text
 
 from newllm import run, stats
 from newllm.config import TrainConfig
@@ -107,3 +107,70 @@ def test_the_paired_interval_is_the_hand_computed_one():
     assert one.mean == pytest.approx(100.0) and math.isnan(one.low) and math.isnan(one.high)
     with pytest.raises(ValueError, match="as many"):
         stats.paired_interval([1.0], [1.0, 2.0])
+
+
+# --- the space's ablations section ---------------------------------------------------------------
+
+
+def test_the_ablations_section_round_trips_and_an_unknown_name_is_a_clear_error():
+    from newllm.space import ABLATION, MATCHED, SpaceError
+
+    space = parse_space(TINY_SPACE % "" + "ablations: [no_phase1, no_dist_reg]\n", "s.yaml")
+    assert space.ablations == ("no_phase1", "no_dist_reg")
+    assert parse_space(space.to_yaml(), "again.yaml").ablations == space.ablations
+    parent = {"context_dim": 16, "num_layers": 2, "dist_reg_weight": 0.5}
+    sibling = space.sibling_trial("no_dist_reg", "t0", parent)
+    assert sibling == {**parent, ABLATION: "no_dist_reg", MATCHED: "t0"}
+    a, b = space.trial_config(parent).to_dict(), space.trial_config(sibling).to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"dist_reg_weight"} and b["dist_reg_weight"] == 0.0
+    for bad in ("[no_cvfp]", "[no_phase1, no_phase1]", "no_phase1", "[[no_phase1]]"):
+        with pytest.raises(SpaceError, match="ablations must be a list of distinct names from"):
+            parse_space(TINY_SPACE % "" + f"ablations: {bad}\n", "s.yaml")
+    with pytest.raises(SpaceError, match="no_phase1 removes what the space's fixed settings already remove"):
+        parse_space(tiny_space_text("phase1_max_iter: 0") + "\nablations: [no_phase1]\n", "s.yaml")
+
+
+# --- what the summary and the report say ---------------------------------------------------------
+
+
+def ablation_rows():
+    """Two configurations, each with a no_phase1 sibling, two seeds each: val_ppl with Phase 1
+    100, 50 / 60, 30 against 90, 50 / 50, 25 without (+11.1%, 0%, +20%, +20%); one more sibling
+    whose replicate 1 failed the gate (no Phase 2 rows) and replicate 0 diverged (no pair)."""
+    import pandas as pd
+
+    trials = pd.DataFrame({
+        "trial_id": ["p1", "s1", "p2", "s2", "s3"], "status": ["passed"] * 4 + ["diverged"],
+        "family": ["newllm"] * 5, "architecture": ["gated", "gated", "residual", "residual", "gated"],
+        "context_dim": [16, 16, 32, 32, 16], "seed": [7, 7, 9, 9, 7], "objective": [75.0, 70, 45, 37.5, 1e7],
+        "val_ppl": [100.0, 90, 60, 50, None], "matched_trial_id": [None, "p1", None, "p2", "p1"],
+        "ablation": [None, "no_phase1", None, "no_phase1", "no_dist_reg"]})
+    epochs = {("p1", 0): [120, 100], ("p1", 1): [50, 55], ("s1", 0): [90, 95], ("s1", 1): [60, 50],
+              ("p2", 0): [60, 70], ("p2", 1): [30, 31], ("s2", 0): [50, 50], ("s2", 1): [25, 26],
+              ("s3", 0): [80, float("nan")]}
+    iterations = pd.DataFrame([{"trial_id": t, "replicate": r, "phase": "phase2", "step": i + 1, "val_ppl": v}
+                               for (t, r), values in epochs.items() for i, v in enumerate(values)])
+    return trials, iterations
+
+
+def test_the_summary_gives_the_paired_change_and_its_interval_computed_from_the_runs():
+    from newllm.analyze import ablation_lines, ablations_section
+    from newllm.trials import ablation_pairs, ablation_table
+
+    trials, iterations = ablation_rows()
+    pairs = ablation_pairs(trials, iterations)
+    assert list(pairs.sibling_id) == ["s1", "s1", "s2", "s2"] and list(pairs.seed) == [7, 8, 9, 10]
+    assert list(pairs.val_ppl) == [100, 50, 60, 30] and list(pairs.val_ppl_without) == [90, 50, 50, 25]
+    changes = [100 * (100 / 90 - 1), 0.0, 20.0, 20.0]
+    mean, s = sum(changes) / 4, math.sqrt(sum((c - sum(changes) / 4) ** 2 for c in changes) / 3)
+    half = 3.182446 * s / 2  # t(0.975, 3) * s / sqrt(4)
+    phase1, dist_reg = ablation_lines(trials, iterations)
+    assert phase1.startswith(f"Phase 1 changes val_ppl by {mean:+.1f}% (95% CI [{mean - half:+.0f}%, "
+                             f"{mean + half:+.0f}%], 4 pairs): ")
+    assert ("removing it helps" if mean - half > 0 else "no clear effect") in phase1
+    assert "with it 60.00 [" in phase1 and "without 53.75 [" in phase1
+    assert dist_reg.startswith("dist-reg: no pair")
+    table = ablation_table(pairs)
+    assert list(table.configuration) == ["gated, C = 16", "residual, C = 32", "all configurations"]
+    assert list(table.pairs) == [2, 2, 4] and table.change.iloc[1] == "+20.0% [+20.0%, +20.0%]"
+    assert ablations_section(trials, iterations).title == "Ablations"
