@@ -191,12 +191,15 @@ def trials_table_text(trials: pd.DataFrame, searched: list[str], baseline_params
     """The trials as a text table, by objective, for the search to print at its end: id, status,
     the ``searched`` parameters, Phase 1, Phase 2 and the objective; with ``baseline_params`` (the
     baselines' searched parameters; None: the search had no baselines) also each trial's
-    architecture, non-embedding size and those parameters. Columns the table lacks are left out."""
+    architecture, non-embedding size and those parameters; with ablation siblings, each one's
+    ablation and parent. Columns the table lacks are left out."""
     columns = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction",
                "phase2_epochs_run", "val_ppl", "objective"]
     if baseline_params is not None:  # the baselines' own columns, after their architecture
         columns = [*columns[:2], "architecture", *columns[2:], "num_params_non_embedding", *baseline_params]
         columns = list(dict.fromkeys(columns))
+    if is_sibling(trials).any():  # which ablation a sibling is, and its parent
+        columns = list(dict.fromkeys([*columns[:2], "ablation", "matched_trial_id", *columns[2:]]))
     table = trials.sort_values("objective")[[c for c in columns if c in trials]]
     with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
         return table.to_string(index=False)
