@@ -34,12 +34,16 @@ import plotly.graph_objects as go
 import pyarrow as pa
 from plotly.offline import get_plotlyjs
 
-from newllm import figures
+from newllm import figures, stats
 from newllm.checks import check_writable_dir, path_arg
 from newllm.experiment import REPORT_FILE, load, write_file
 from newllm.floors import floors_line, recorded_floors
 from newllm.space import recorded_distributions
+from newllm.space import ABLATED
 from newllm.trials import (
+    ablation_effect,
+    ablation_pairs,
+    ablation_table,
     baseline_trials,
     best_newllm_trial,
     curves,
@@ -47,7 +51,9 @@ from newllm.trials import (
     gate_importance,
     gate_saving,
     infer_distributions,
+    interval_text,
     is_baseline,
+    is_sibling,
     newllm_trials,
     objective_importance,
     rebuild_study,
@@ -107,8 +113,8 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[
     """What a search found, in a few lines (the report's head, and what the CLI and the search
     print at the end): trials by status, the best New-LLM trial and configuration (with its
     replicates' spread where it has several), how it compares with the baselines, the trials
-    whose Phase 2 ASHA stopped early, the gate's saving and the floors
-    (``newllm.floors.recorded_floors``)."""
+    whose Phase 2 ASHA stopped early, the gate's saving, what each ablation changes
+    (``ablation_lines``) and the floors (``newllm.floors.recorded_floors``)."""
     reported = set(iterations["trial_id"]) if "trial_id" in iterations else set()
     finished = set(trials["trial_id"]) if len(trials) else set()
     lines = []
@@ -146,6 +152,7 @@ def summary(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict[
     if (stopped := asha_stopped_line(trials)) is not None:
         lines.append(stopped)
     lines.append(gate_saving_line(trials))
+    lines.extend(ablation_lines(trials, iterations))
     if floors is not None:
         lines.append(floors_line(floors))
     return lines
@@ -184,12 +191,15 @@ def trials_table_text(trials: pd.DataFrame, searched: list[str], baseline_params
     """The trials as a text table, by objective, for the search to print at its end: id, status,
     the ``searched`` parameters, Phase 1, Phase 2 and the objective; with ``baseline_params`` (the
     baselines' searched parameters; None: the search had no baselines) also each trial's
-    architecture, non-embedding size and those parameters. Columns the table lacks are left out."""
+    architecture, non-embedding size and those parameters; with ablation siblings, each one's
+    ablation and parent. Columns the table lacks are left out."""
     columns = ["trial_id", "status", *searched, "phase1_passes", "train_effective_rank_fraction",
                "phase2_epochs_run", "val_ppl", "objective"]
     if baseline_params is not None:  # the baselines' own columns, after their architecture
         columns = [*columns[:2], "architecture", *columns[2:], "num_params_non_embedding", *baseline_params]
         columns = list(dict.fromkeys(columns))
+    if is_sibling(trials).any():  # which ablation a sibling is, and its parent
+        columns = list(dict.fromkeys([*columns[:2], "ablation", "matched_trial_id", *columns[2:]]))
     table = trials.sort_values("objective")[[c for c in columns if c in trials]]
     with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
         return table.to_string(index=False)
@@ -235,6 +245,35 @@ def comparison_line(trials: pd.DataFrame) -> str | None:
     return f"{head} against the best baseline with no more {word}, {described(rival)}: {verdict}."
 
 
+def ablation_lines(trials: pd.DataFrame, iterations: pd.DataFrame) -> list[str]:
+    """One line per ablation the trials hold, e.g. "Phase 1 changes val_ppl by +9.4% (95% CI [+4%,
+    +15%], 6 pairs): removing it helps": the mean relative change of val perplexity that the part
+    makes, over the pairs of a New-LLM run and its sibling's at the same configuration and seed
+    (``ablation_pairs``), with its paired t-interval, and each arm's mean val perplexity with its
+    interval. The verdict is the interval's: it helps, removing it helps, or no clear effect."""
+    siblings = trials[is_sibling(trials)]
+    pairs = ablation_pairs(trials, iterations)
+    lines = []
+    for ablation in dict.fromkeys(siblings["ablation"]) if len(siblings) else []:
+        part, of = ABLATED.get(ablation, ablation), pairs[pairs.ablation == ablation]
+        if of.empty:
+            lines.append(f"{part}: no pair of a New-LLM run and its {ablation} sibling's at the same seed has both "
+                         f"passed: no comparison.")
+            continue
+        change = ablation_effect(of)
+        n = f"{len(of)} pair{'s' if len(of) != 1 else ''}"
+        if len(of) < 2:
+            lines.append(f"{part} changes val_ppl by {change.mean:+.1f}% ({n}: too few for an interval).")
+            continue
+        verdict = ("removing it helps" if change.low > 0 else "it helps" if change.high < 0 else
+                   "no clear effect at this number of pairs")
+        full, without = (stats.mean_interval(of.val_ppl.tolist()), stats.mean_interval(of.val_ppl_without.tolist()))
+        lines.append(f"{part} changes val_ppl by {change.mean:+.1f}% ({change.level:.0%} CI [{change.low:+.0f}%, "
+                     f"{change.high:+.0f}%], {n}): {verdict}; val_ppl with it {interval_text(full, '{:.2f}')}, "
+                     f"without {interval_text(without, '{:.2f}')} (means, {full.level:.0%} CI).")
+    return lines
+
+
 def gate_saving_line(trials: pd.DataFrame) -> str:
     """What the gate saved, in one sentence (the search's summary and the report both print it)."""
     failed, mean_p2, saved = gate_saving(trials)
@@ -265,7 +304,24 @@ def sections(trials: pd.DataFrame, iterations: pd.DataFrame, distributions: dict
                          "dashed and dotted lines: the gate's train and val thresholds.",
                          figures.gate_map_figure(trials, distributions))
                  if distributions else Section("Gate map", "", body=_note(NO_PARAMS)))
+    if is_sibling(trials).any():
+        parts.append(ablations_section(trials, iterations))
     return [*parts, *curve_parts, time_section(trials), top_section(trials, distributions)]
+
+
+def ablations_section(trials: pd.DataFrame, iterations: pd.DataFrame) -> Section:
+    """Per ablation and configuration, the paired runs with and without the part it removes."""
+    table = ablation_table(ablation_pairs(trials, iterations))
+    if table.empty:
+        return Section("Ablations", "", body=_note("No New-LLM run and its sibling's at the same seed have both "
+                                                     "passed yet: nothing to compare."))
+    body = table.to_html(index=False, border=0, na_rep="", classes="trials")
+    return Section("Ablations", "Each New-LLM trial against its siblings, the same configuration and seeds with one "
+                   "part removed (no_phase1: no Phase 1; no_dist_reg: Phase 1 without dist-reg). Per configuration "
+                   "(parent trial) and over all of them: the pairs (runs at the same seed where both passed), each "
+                   "arm's mean val_ppl and the mean relative change of val_ppl that the part makes (with it against "
+                   "without it; positive: removing it helps), each with its 95% Student t-interval (none with one "
+                   "pair).", body=f'<div class="wide">{body}</div>')
 
 
 NO_PARAMS = "No searched parameter varies across the trials, so there is nothing to compare."

@@ -61,7 +61,8 @@ class TrainConfig:
     num_heads: int = _b(2, "transformer baseline: attention heads (must divide hidden_dim; its width steps by them)")
     dropout: float = _b(0.0, "baselines: dropout")
     # Phase 1 (CVFP)
-    phase1_max_iter: int = _n(10, "maximum Phase 1 training passes")
+    phase1_max_iter: int = _n(10, "maximum Phase 1 training passes (0 = no Phase 1: Phase 2 starts from the "
+                                   "initial weights, with no analysis or gate)")
     phase1_min_iter: int = _n(3, "a converged stop counts from this pass on (pass 1 compares untrained weights)")
     phase1_lr_warmup: float = _n(0.002, "Phase 1 LR for passes 1-3")
     phase1_lr_medium: float = _n(0.0005, "Phase 1 LR for passes 4-8")
@@ -105,12 +106,16 @@ class TrainConfig:
                 raise ValueError(f"phase2_bptt ({self.phase2_bptt}) must be <= context_window "
                                  f"({self.context_window}) for the transformer baseline")
         # checked in every family, though only one reads them: a value no run can use is a mistake
-        positive = ("phase1_max_iter", "phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
+        positive = ("phase1_min_iter", "phase1_streams", "phase1_chunk_tokens", "phase2_epochs",
                     "phase2_batch_size", "phase2_bptt", "phase2_patience", "collapse_patience", "context_window",
                     "num_heads")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.phase1_max_iter < 0:
+            raise ValueError(f"phase1_max_iter must be >= 0 (0 = no Phase 1), got {self.phase1_max_iter}")
+        if self.family == NEWLLM and not self.phase1 and self.skip_phase2:
+            raise ValueError("phase1_max_iter 0 (no Phase 1) with skip_phase2 leaves nothing to run")
         for name in ("phase1_lr_warmup", "phase1_lr_medium", "phase1_lr_finetune", "phase2_lr",
                      "convergence_threshold"):
             if not getattr(self, name) > 0:
@@ -137,6 +142,11 @@ class TrainConfig:
         nothing to its family (a baseline has no Phase 1 or gate; New-LLM no dropout)."""
         return [f.name for f in fields(self) if f.metadata["family"] not in (None, self.family)
                 and getattr(self, f.name) != f.default]
+
+    @property
+    def phase1(self) -> bool:
+        """Whether a New-LLM run has a Phase 1 (``phase1_max_iter`` 0: none)."""
+        return self.phase1_max_iter > 0
 
     @property
     def effective_dist_reg_weight(self) -> float:

@@ -1,6 +1,12 @@
 """One training run: for New-LLM Phase 1, fixed-point analysis, gate, Phase 2; for a baseline
 (``newllm.baselines``: LSTM, GRU, transformer) end-to-end training alone, its Phase 2.
 
+A New-LLM run with ``phase1_max_iter`` 0 has no Phase 1: its initial weights go straight to
+Phase 2, with no fixed-point analysis and no gate (their columns null, status ``passed`` unless
+Phase 2 diverges). Phase 2 then starts each train stream from the context the initial weights
+read there (``read_train_stream``), as it starts from Phase 1's fixed contexts otherwise: the
+Phase 1 ablation of a search (``newllm.space.ABLATIONS``) is this run.
+
 ``train`` is the one implementation: the single-run command (``python -m newllm.train``), the
 search's trainable and the tests all call it. A baseline's summary has the same columns, with
 the Phase 1, analysis and gate ones null.
@@ -30,9 +36,9 @@ from newllm.config import TrainConfig
 from newllm.data import TokenData
 from newllm.metrics import FixedPointAnalysis, GateResult, fixed_point_analysis, gate
 from newllm.model import NewLLM
-from newllm.phase1 import PassRecord, Phase1Result, fixed_contexts, train_phase1
-from newllm.phase2 import (EpochEnd, EpochRecord, Phase2Result, Phase2State, ValMetrics, perplexity, stream_metrics,
-                           train_phase2)
+from newllm.phase1 import FixedContexts, PassRecord, Phase1Result, fixed_contexts, train_phase1
+from newllm.phase2 import (EpochEnd, EpochRecord, Phase2Result, Phase2State, ValMetrics, perplexity, read_contexts,
+                           stream_metrics, train_phase2)
 
 Status = Literal["passed", "gate_failed", "diverged"]
 Model = NewLLM | BaselineLM
@@ -95,7 +101,7 @@ class TrainResult:
     status: Status
     num_params: int
     num_params_non_embedding: int
-    phase1: Phase1Result | None   # None for a baseline
+    phase1: Phase1Result | None   # None for a baseline, and a New-LLM run without Phase 1
     train_analysis: FixedPointAnalysis | None = None
     val_analysis: FixedPointAnalysis | None = None
     fixed_passes: int | None = None       # frozen-weight passes to the train fixed contexts
@@ -160,14 +166,19 @@ class TrainResult:
         assert row.keys() == SUMMARY_DTYPES.keys(), "summary and SUMMARY_DTYPES must name the same columns"
         return row
 
-    def analysis_record(self) -> dict:
-        """The fixed-point analysis and gate as plain values, for a checkpoint to restore."""
+    def analysis_record(self) -> dict | None:
+        """The fixed-point analysis and gate as plain values, for a checkpoint to restore (None
+        for a run without Phase 1, which has neither)."""
+        if self.train_analysis is None:
+            return None
         return {"train": self.train_analysis.to_dict(), "val": self.val_analysis.to_dict(),
                 "fixed_passes": self.fixed_passes, "val_fixed_passes": self.val_fixed_passes,
                 "val_converged_ratio": self.val_converged_ratio, "gate": asdict(self.gate),
                 "seconds": dict(self.seconds)}
 
-    def restore_analysis(self, record: dict) -> None:
+    def restore_analysis(self, record: dict | None) -> None:
+        if record is None:
+            return
         self.train_analysis = FixedPointAnalysis(**record["train"])
         self.val_analysis = FixedPointAnalysis(**record["val"])
         self.fixed_passes, self.val_fixed_passes = record["fixed_passes"], record["val_fixed_passes"]
@@ -201,9 +212,10 @@ class TrainResult:
 @dataclass
 class Resume:
     """Where a run restored from a search checkpoint picks up: after Phase 1, or, with the
-    analysis and Phase 2's state, after Phase 2's best epoch so far."""
+    analysis and Phase 2's state, after Phase 2's best epoch so far (a run without Phase 1:
+    ``phase1`` and ``analysis`` None)."""
 
-    phase1: Phase1Result
+    phase1: Phase1Result | None
     analysis: dict | None = None       # TrainResult.analysis_record()
     phase2: Phase2State | None = None
 
@@ -236,11 +248,11 @@ def phase1_record(p1: Phase1Result) -> dict:
 
 def checkpoint_record(result: TrainResult, state: Phase2State | None = None) -> dict:
     """What a search checkpoint saves beside the weights to resume ``result``'s run: Phase 1's
-    record; after a Phase 2 epoch also the analysis and the Phase 2 state (nothing for a
-    baseline, which has no Phase 1 and starts again)."""
-    if result.phase1 is None:  # a baseline: it restarts, and its state is its weights
+    record (None without Phase 1); after a Phase 2 epoch also the analysis and the Phase 2 state
+    (nothing for a baseline, which has no Phase 1 and starts again)."""
+    if result.config.family == "baseline":  # it restarts, and its state is its weights
         return {}
-    record = {"phase1": phase1_record(result.phase1)}
+    record = {"phase1": None if result.phase1 is None else phase1_record(result.phase1)}
     if state is not None:
         record.update(analysis=result.analysis_record(), phase2=state.to_dict())
     return record
@@ -249,7 +261,8 @@ def checkpoint_record(result: TrainResult, state: Phase2State | None = None) -> 
 def resume_from(record: dict) -> Resume:
     """The ``Resume`` of a checkpoint record that ``checkpoint_record`` wrote."""
     p1 = record["phase1"]
-    phase1 = Phase1Result([PassRecord(**r) for r in p1["history"]], p1["stop_reason"], p1["seconds"])
+    phase1 = None if p1 is None else Phase1Result([PassRecord(**r) for r in p1["history"]], p1["stop_reason"],
+                                                  p1["seconds"])
     if "phase2" not in record:
         return Resume(phase1)
     return Resume(phase1, record["analysis"], Phase2State.from_dict(record["phase2"]))
@@ -269,20 +282,27 @@ def train_run(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume
           on_gate: Callable[[TrainResult], None] | None = None,
           on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
     """Run Phase 1, the analysis, the gate and Phase 2, or what is left of them after
-    ``resume`` (``model`` then holds the checkpoint's weights); a baseline (``cfg.family``)
-    trains end to end instead, from the start (``on_pass`` and ``on_gate`` are not called).
-    ``model`` ends with its final (best) weights."""
+    ``resume`` (``model`` then holds the checkpoint's weights); without Phase 1
+    (``phase1_max_iter`` 0) Phase 2 alone, from ``model``'s weights as given. A baseline
+    (``cfg.family``) trains end to end instead, from the start. ``on_pass`` and ``on_gate`` are
+    called only where there is a Phase 1. ``model`` ends with its final (best) weights."""
     if cfg.family == "baseline":
         return train_baseline_run(cfg, data, model, on_epoch=on_epoch)
     device = model.head.weight.device
     train_ids, val_ids = data.train_ids.to(device), data.val_ids.to(device)
-    phase1 = resume.phase1 if resume is not None else train_phase1(model, train_ids, cfg, on_pass=on_pass)
+    phase1 = None
+    if resume is not None:
+        phase1 = resume.phase1
+    elif cfg.phase1:
+        phase1 = train_phase1(model, train_ids, cfg, on_pass=on_pass)
     result = TrainResult(cfg, "diverged", model.num_params(), model.num_params(non_embedding=True), phase1)
-    if phase1.stop_reason == "diverged":
+    if phase1 is not None and phase1.stop_reason == "diverged":
         return result
 
     phase2_state = resume.phase2 if resume is not None else None
-    if phase2_state is not None:
+    if not cfg.phase1:
+        train_fixed = read_train_stream(model, train_ids)
+    elif phase2_state is not None:
         # the analysis was of Phase 1's weights, which Phase 2 has moved since: restore it; the
         # train stream's contexts are only Phase 2's data order here (the state holds the carry)
         result.restore_analysis(resume.analysis)
@@ -303,7 +323,7 @@ def train_run(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume
         result.seconds["analysis"] = time.perf_counter() - t0
         if on_gate is not None:
             on_gate(result)
-    if not result.gate.passed:
+    if result.gate is not None and not result.gate.passed:
         result.status = "gate_failed"
         return result
     result.status = "passed"
@@ -315,12 +335,23 @@ def train_run(cfg: TrainConfig, data: TokenData, model: Model, *, resume: Resume
     result.phase2_done(phase2, stream_metrics(model, val_ids))
     if not cfg.freeze_context:
         t0 = time.perf_counter()
-        final = fixed_contexts(model, train_ids, cfg)
+        # without Phase 1 there are no passes to converge (nor a cap on them): the analysis is of
+        # the train stream's read, and no converged ratio
+        final = fixed_contexts(model, train_ids, cfg) if cfg.phase1 else read_train_stream(model, train_ids)
         if torch.isfinite(final.contexts).all():
             result.final_analysis = fixed_point_analysis(final.contexts, seed=cfg.seed)
-            result.final_converged_ratio = final.converged_ratio
+            result.final_converged_ratio = final.converged_ratio if cfg.phase1 else None
         result.seconds["final_analysis"] = time.perf_counter() - t0
     return result
+
+
+def read_train_stream(model: NewLLM, train_ids: torch.Tensor) -> FixedContexts:
+    """Phase 2's train stream in a run without Phase 1: the contexts ``model`` reads it with
+    from zero context (``read_contexts``, as val is read), over every token but the last. With
+    Phase 1 these are its fixed contexts: the same read, by the weights Phase 1 left."""
+    read = read_contexts(model, train_ids)
+    inputs = torch.cat([torch.zeros_like(read.contexts[:1]), read.contexts[:-1]])
+    return FixedContexts(train_ids[:-1], inputs, read.contexts, [])
 
 
 def train_baseline_run(cfg: TrainConfig, data: TokenData, model: BaselineLM, *,

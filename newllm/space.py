@@ -17,6 +17,7 @@ Schema (every key optional except ``params``)::
     data:                              # DataConfig defaults for this space (CLI flags override)
       num_samples: 40
       vocab_size: 500
+    ablations: [no_phase1, no_dist_reg]  # optional: sibling trials, each New-LLM trial without one part
     baselines:                         # optional (or --baselines): standard LMs at matched sizes
       architectures: [lstm, gru, transformer]
       params:                          # searched by each architecture's own study
@@ -31,6 +32,13 @@ With baselines, each New-LLM trial is followed by one trial of each baseline arc
 New-LLM ``params`` and ``fixed`` (Phase 1, gate, ``context_dim``...) mean nothing to it. Each
 architecture gets as many trials as New-LLM, its learning rate (by default ``DEFAULT_BASELINE_PARAMS``)
 proposed by its own Optuna study.
+
+With ablations, each New-LLM trial is followed by one sibling trial per ablation: the same
+configuration and seed with one part removed (``ABLATIONS``: ``no_phase1`` runs no Phase 1,
+``no_dist_reg`` trains Phase 1 without the dist-reg loss). A sibling is a measurement, not a
+proposal: no study proposes it or learns from it. Its Tune config is its parent's sampled values
+with ``ablation`` (the ablation's name) and ``matched_trial_id`` (the parent's trial id);
+``trial_config`` applies the ablation.
 
 A key may be searched or fixed, not both. ``hidden_dim``, when neither searched nor fixed, is
 ``context_dim + embed_dim`` in every trial, as the residual architecture requires. Every
@@ -57,7 +65,7 @@ from newllm.data import DataConfig
 from newllm.experiment import DISTRIBUTIONS_FILE, SPACE_FILE, damaged, recorded_json, recorded_text, write_file
 
 OBJECTIVES = {"val_ppl": "objective", "num_params": "num_params"}
-TOP_KEYS = {"num_trials", "repeats", "objectives", "params", "fixed", "data", "baselines", "points"}
+TOP_KEYS = {"num_trials", "repeats", "objectives", "params", "fixed", "data", "baselines", "points", "ablations"}
 BASELINE_KEYS = {"architectures", "params", "fixed"}
 # what a baselines section may search or fix: the baselines' settings except hidden_dim (the
 # size matching sets it) and architecture (its own key)
@@ -66,8 +74,18 @@ BASELINE_SETTINGS = [k for k in family_fields("baseline") if k not in ("hidden_d
 INHERITED = ("embed_dim", "num_layers", "phase2_lr", "phase2_epochs", "phase2_batch_size", "phase2_bptt",
              "phase2_patience", "seed")
 DEFAULT_BASELINE_PARAMS = {"phase2_lr": {"type": "float", "low": 5.0e-4, "high": 2.0e-2, "log": True}}
-# the key of a baseline trial's config that names the New-LLM trial it was sized to
+# the key of a baseline trial's config that names the New-LLM trial it was sized to, and of a
+# sibling trial's that names the New-LLM trial it ablates (its parent)
 MATCHED = "matched_trial_id"
+# the key of a sibling trial's config that names its ablation
+ABLATION = "ablation"
+# each ablation: what a sibling trial changes in its parent's configuration (the one part removed)
+ABLATIONS: dict[str, dict[str, object]] = {
+    "no_phase1": {"phase1_max_iter": 0},    # no CVFP: the initial weights go straight to Phase 2
+    "no_dist_reg": {"dist_reg_weight": 0.0},  # Phase 1's loss without the distribution regulariser
+}
+# what each ablation removes, in words
+ABLATED = {"no_phase1": "Phase 1", "no_dist_reg": "dist-reg"}
 DIST_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}
 DATA_KEYS = {f.name for f in fields(DataConfig)} - {"cache_dir"}
@@ -137,17 +155,26 @@ class SearchSpace:
     repeats: int = 1  # runs of each sampled configuration, with seeds seed, seed + 1, ...
     baselines: Baselines | None = None
     points: tuple[dict, ...] = ()  # (partial) configurations to try first
+    ablations: tuple[str, ...] = ()  # ABLATIONS: a sibling trial of each New-LLM trial per name
 
     def trial_config(self, sampled: dict) -> TrainConfig:
         """The full TrainConfig of a trial from its Tune config: a New-LLM trial's sampled values,
-        or a baseline trial's settings (``baseline_trial``)."""
+        a sibling's (``sibling_trial``: its parent's, with its ablation applied), or a baseline
+        trial's settings (``baseline_trial``)."""
+        own = {k: v for k, v in sampled.items() if k not in (MATCHED, ABLATION)}
         if sampled.get("architecture") in BASELINE_ARCHITECTURES:
-            return TrainConfig(**{k: v for k, v in sampled.items() if k != MATCHED})
-        values = {**self.fixed, **sampled}
+            return TrainConfig(**own)
+        values = {**self.fixed, **own}
         if "hidden_dim" not in values:
             values["hidden_dim"] = values.get("context_dim", TrainConfig.context_dim) + \
                 values.get("embed_dim", TrainConfig.embed_dim)
-        return TrainConfig(**values)
+        return TrainConfig(**(values | ABLATIONS.get(sampled.get(ABLATION), {})))
+
+    @staticmethod
+    def sibling_trial(ablation: str, parent_id: str, parent: dict) -> dict:
+        """The Tune config of the ``ablation`` sibling of the New-LLM trial ``parent_id`` sampled as
+        ``parent``: the same values (the seed among the fixed ones), naming its ablation and parent."""
+        return {**parent, ABLATION: ablation, MATCHED: parent_id}
 
     def baseline_trial(self, architecture: str, matched: dict, sampled: dict, vocab_size: int) -> dict:
         """A baseline trial's settings: ``sampled`` by its study over the baselines' fixed values
@@ -194,6 +221,8 @@ class SearchSpace:
                  "params": {name: _spec(d) for name, d in self.params.items()}, "fixed": self.fixed, "data": self.data}
         if self.points:
             space["points"] = list(self.points)
+        if self.ablations:
+            space["ablations"] = list(self.ablations)
         if self.baselines is not None:
             space["baselines"] = {"architectures": list(self.baselines.architectures),
                                   "params": {n: _spec(d) for n, d in self.baselines.params.items()},
@@ -387,15 +416,32 @@ def parse_space(text: str, where: str) -> SearchSpace:
                          f"go in the baselines section, where they are sized to the New-LLM trials")
     baselines = parse_baselines(raw["baselines"], where, types) if "baselines" in raw else None
     points = parse_points(raw.get("points") or [], params, where)
-    space = SearchSpace(where, params, fixed, data, objectives, num_trials, repeats, baselines, points)
+    ablations = parse_ablations(raw.get("ablations", []), fixed, where)
+    space = SearchSpace(where, params, fixed, data, objectives, num_trials, repeats, baselines, points, ablations)
     corners = list(itertools.product(*(_ends(d) for d in params.values())))
     for values in corners[:MAX_CORNERS]:
-        sampled = dict(zip(params, values))
-        try:
-            space.trial_config(sampled)
-        except (TypeError, ValueError) as e:
-            raise SpaceError(f"{where}: the trial {sampled} would be invalid: {e}") from e
+        for ablation in (None, *ablations):
+            sampled = dict(zip(params, values)) | ({} if ablation is None else {ABLATION: ablation})
+            try:
+                space.trial_config(sampled)
+            except (TypeError, ValueError) as e:
+                raise SpaceError(f"{where}: the trial {sampled} would be invalid: {e}") from e
     return space
+
+
+def parse_ablations(raw, fixed: dict, where: str) -> tuple[str, ...]:
+    """The ablations section: a list of distinct names from ABLATIONS, each of which changes
+    something (an ablation of a setting the space fixes at its ablated value would run the
+    trial twice)."""
+    if not isinstance(raw, list) or not all(isinstance(a, str) and a in ABLATIONS for a in raw) \
+            or len(set(raw)) != len(raw):
+        raise SpaceError(f"{where}: ablations must be a list of distinct names from {list(ABLATIONS)}, got {raw!r}")
+    for ablation in raw:
+        if all(fixed.get(k) == v for k, v in ABLATIONS[ablation].items()) or \
+                (ablation == "no_dist_reg" and fixed.get("dist_reg") is False):
+            raise SpaceError(f"{where}: the ablation {ablation} removes what the space's fixed settings already "
+                             f"remove: its sibling trials would repeat their parents; drop it from ablations")
+    return tuple(raw)
 
 
 def _check_fixed(fixed: dict, types: dict[str, type], where: str) -> None:

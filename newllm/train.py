@@ -43,6 +43,10 @@ def print_configuration(cfg: TrainConfig, data_cfg: DataConfig, data: TokenData,
     print("Model Architecture:")
     print(f"   Layers: {cfg.num_layers}")
     print(f"   Context dim: {cfg.context_dim}\n   Embed dim: {cfg.embed_dim}\n   Hidden dim: {cfg.hidden_dim}")
+    if not cfg.phase1:
+        print("\nPhase 1: none (phase1_max_iter 0): Phase 2 starts from the initial weights, no analysis or gate")
+        print_data(cfg, data_cfg, data, device, threads)
+        return
     print("\nPhase 1 Settings (CVFP):")
     streams = num_streams(len(data.train_ids), cfg)
     print(f"   Max passes: {cfg.phase1_max_iter}  ({cfg.phase1_mode} passes, {streams} streams of "
@@ -143,14 +147,17 @@ def print_result(result) -> None:
         _banner(f"DIVERGED after {result.phase1.passes} Phase 1 passes (non-finite loss or contexts)")
     p2 = result.phase2
     if p2 is not None:
-        mode = "head only" if result.config.freeze_context and result.phase1 is not None else \
+        mode = "head only" if result.config.freeze_context and result.config.family == "newllm" else \
             f"{p2.streams} streams x {p2.window}-token windows"
         print(f"\nPhase 2 ({mode}): {len(p2.history)} epochs ({p2.stop_reason}) in {p2.seconds:.1f}s; "
               f"best epoch {p2.best_epoch}")
         reading = "in sliding windows" if result.config.architecture == "transformer" else "from zero context"
         print(f"Final model, reading the val stream {reading}: val_loss={result.val_loss:.4f}, "
               f"val_ppl={result.val_ppl:.2f}, val_acc={result.val_acc:.1%}")
-        if result.final_analysis is not None:
+        if result.final_analysis is not None and result.phase1 is None:
+            print(f"Final weights: effective rank {result.final_analysis.effective_rank_fraction:.1%} of C "
+                  f"(no Phase 1)")
+        elif result.final_analysis is not None:
             print(f"Final weights: effective rank {result.final_analysis.effective_rank_fraction:.1%} of C, "
                   f"{result.final_converged_ratio:.1%} converged (Phase 1 ended at "
                   f"{result.train_analysis.effective_rank_fraction:.1%} and {result.phase1.converged_ratio:.1%})")
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = set_threads(args.threads)
     print_configuration(cfg, data_cfg, data, args.device, threads)
-    if cfg.family == "newllm":
+    if cfg.family == "newllm" and cfg.phase1:
         print_phase1_header()
     model = build_model(cfg, data.vocab_size, args.device)
     result = train_run(cfg, data, model, on_pass=print_pass, on_gate=print_gate,

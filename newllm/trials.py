@@ -8,7 +8,9 @@ end-of-search summary and ``newllm.export`` agree on them (one best New-LLM tria
 
 A trial is New-LLM's or a baseline's (``family == "baseline"``: an LSTM, GRU or transformer
 trained end to end, with no Phase 1, gate or New-LLM configuration); the queries about Phase 1,
-the gate and the searched parameters read the New-LLM trials only. Penalised trials (gate failed,
+the gate and the searched parameters read the New-LLM trials only, which leaves out the ablation
+siblings (``ablation`` set: a New-LLM trial's configuration with one part removed, measurements
+of it, not proposals); ``ablation_pairs`` pairs each sibling's runs with its parent's. Penalised trials (gate failed,
 diverged, errored) have no perplexity: only their 1e6 / 1e7 objective. Sizes are compared on the
 non-embedding parameter count (``sizes``). Optuna's importance evaluators run on a study rebuilt
 from the table (``rebuild_study``) with the space's distributions, or, for an experiment that
@@ -27,7 +29,9 @@ import optuna.distributions as od
 import pandas as pd
 from optuna.importance import PedAnovaImportanceEvaluator
 
+from newllm import stats
 from newllm.config import field_types
+from newllm.run import GATE_PENALTY
 
 PENALISED = ("gate_failed", "diverged", "error")
 MIN_IMPORTANCE_TRIALS = 4  # fewer trials give no meaningful importance
@@ -55,9 +59,17 @@ def is_baseline(trials: pd.DataFrame) -> pd.Series:
     return trials["family"].eq("baseline").fillna(False).astype(bool)
 
 
+def is_sibling(trials: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the ablation siblings (an experiment without an ``ablation`` column has none)."""
+    if "ablation" not in trials:
+        return pd.Series(False, index=trials.index)
+    return trials["ablation"].notna()
+
+
 def newllm_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The New-LLM trials: the only ones with a Phase 1, a gate and New-LLM's configuration."""
-    return trials[~is_baseline(trials)]
+    """The New-LLM trials the search proposed: the only ones with New-LLM's configuration as
+    sampled, a Phase 1 and a gate (ablation siblings and baselines left out)."""
+    return trials[~is_baseline(trials) & ~is_sibling(trials)]
 
 
 def best_newllm_trial(trials: pd.DataFrame) -> pd.Series | None:
@@ -370,3 +382,90 @@ def _spread(mean, std, passed, replicates) -> str:
         return f"0/{int(replicates)} passed"
     std = f" ± {std:.2f}" if pd.notna(std) else ""
     return f"{mean:.2f}{std} ({int(passed)}/{int(replicates)} passed)"
+
+
+# --- ablations ------------------------------------------------------------------------------
+
+
+def run_val_ppl(trials: pd.DataFrame, iterations: pd.DataFrame) -> pd.DataFrame:
+    """Each run (trial and replicate: one seed) of the finished ``trials`` that passed, with its
+    val perplexity: its best Phase 2 epoch's, which is the model it ends with (for replicate 0,
+    the trials table's ``val_ppl``). A run without Phase 2 rows (it failed the gate), with a
+    non-finite epoch or one at the diverged penalty (it diverged), or of a trial that did not pass
+    in the table's replicate 0, has none. Columns ``trial_id``, ``replicate``, ``val_ppl``."""
+    columns = ["trial_id", "replicate", "val_ppl"]
+    if iterations.empty or "phase" not in iterations or trials.empty:
+        return pd.DataFrame(columns=columns)
+    rows = iterations[(iterations["phase"] == "phase2") & iterations["trial_id"].isin(trials["trial_id"])]
+    rows = rows.assign(replicate=rows["replicate"].fillna(0).astype(int) if "replicate" in rows else 0,
+                       val_ppl=rows["val_ppl"].astype(float))
+    runs = rows.groupby(["trial_id", "replicate"])["val_ppl"].agg(["min", "max"]).reset_index()
+    runs = runs[runs["max"].map(math.isfinite) & (runs["max"] < GATE_PENALTY)]
+    failed = set(trials.loc[~status_is(trials, "passed"), "trial_id"])
+    runs = runs[~((runs["replicate"] == 0) & runs["trial_id"].isin(failed))]
+    return runs.rename(columns={"min": "val_ppl"})[columns].reset_index(drop=True)
+
+
+def ablation_pairs(trials: pd.DataFrame, iterations: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of runs at the same configuration and seed, one with everything (the parent
+    New-LLM trial) and one without the part its sibling's ablation removes, where both passed.
+    Columns ``ablation``, ``parent_id``, ``sibling_id``, ``replicate``, ``seed``, ``configuration``
+    (the parent's architecture and C), ``val_ppl`` (with the part) and ``val_ppl_without``."""
+    columns = ["ablation", "parent_id", "sibling_id", "replicate", "seed", "configuration", "val_ppl",
+               "val_ppl_without"]
+    siblings = trials[is_sibling(trials)]
+    if siblings.empty:
+        return pd.DataFrame(columns=columns)
+    runs = run_val_ppl(trials, iterations)
+    by_run = {(t, r): v for t, r, v in zip(runs["trial_id"], runs["replicate"], runs["val_ppl"])}
+    parents = trials.set_index("trial_id")
+    pairs = []
+    for sibling in siblings.itertuples():
+        parent_id = sibling.matched_trial_id
+        if parent_id not in parents.index:
+            continue
+        parent = parents.loc[parent_id]
+        for (trial_id, replicate), without in by_run.items():
+            if trial_id == sibling.trial_id and (parent_id, replicate) in by_run:
+                pairs.append((sibling.ablation, parent_id, sibling.trial_id, replicate, int(parent.seed) + replicate,
+                              f"{parent.architecture}, C = {int(parent.context_dim)}", by_run[parent_id, replicate],
+                              without))
+    return pd.DataFrame(pairs, columns=columns).sort_values(["ablation", "parent_id", "replicate"], kind="stable") \
+        .reset_index(drop=True)
+
+
+def ablation_effect(pairs: pd.DataFrame) -> stats.Interval:
+    """How much the part an ablation removes changes val perplexity, over ``pairs`` of that
+    ablation: the mean relative change (percent) of the run with it from the run without it, with
+    its paired t-interval (``newllm.stats.paired_interval``). Positive: the part makes val
+    perplexity worse, and removing it helps."""
+    return stats.paired_interval(pairs["val_ppl"].tolist(), pairs["val_ppl_without"].tolist())
+
+
+def ablation_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per ablation and configuration (parent trial), over its pairs (its seeds): each arm's mean
+    val perplexity with its 95% t-interval (``newllm.stats.mean_interval``), and the paired
+    change with its interval (``ablation_effect``); then per ablation, every configuration's pairs
+    together. The intervals are NaN with one pair."""
+    rows = []
+    groups = [*pairs.groupby(["ablation", "parent_id"], sort=False),
+              *((("all configurations", a), g) for a, g in pairs.groupby("ablation", sort=False) if g.parent_id.nunique() > 1)]
+    for (first, second), group in groups:
+        ablation, where = (first, second) if first != "all configurations" else (second, first)
+        configuration = group.configuration.iloc[0] if where != "all configurations" else where
+        full, ablated, change = (stats.mean_interval(group.val_ppl.tolist()),
+                                 stats.mean_interval(group.val_ppl_without.tolist()), ablation_effect(group))
+        rows.append({"ablation": ablation, "configuration": configuration,
+                     "parent": where if where != "all configurations" else "", "pairs": len(group),
+                     "val_ppl with": interval_text(full, "{:.2f}"), "val_ppl without": interval_text(ablated, "{:.2f}"),
+                     "change": interval_text(change, "{:+.1f}%")})
+    return pd.DataFrame(rows, columns=["ablation", "configuration", "parent", "pairs", "val_ppl with",
+                                       "val_ppl without", "change"])
+
+
+def interval_text(interval: stats.Interval, number: str) -> str:
+    """``mean [low, high]`` in the ``number`` format, the mean alone where there is no interval."""
+    mean = number.format(interval.mean)
+    if math.isnan(interval.low):
+        return mean
+    return f"{mean} [{number.format(interval.low)}, {number.format(interval.high)}]"

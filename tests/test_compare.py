@@ -1,5 +1,6 @@
-"""Baselines in the search: the same trainable and trials table, sizes matched to the New-LLM
-trials, one study and one ASHA per kind, floors, and export refusing a baseline."""
+"""Baselines and ablations in the search: the same trainable and trials table, sizes matched to
+the New-LLM trials, siblings that differ from their parent in one setting, one study per proposed
+kind and one ASHA per kind, floors, and export refusing a baseline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 from conftest import TINY_SPACE
 
@@ -17,15 +19,16 @@ from newllm.checkpoint import load_model, save_model
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, prepare_data
 from newllm.run import SUMMARY_DTYPES, build_model, train_run
-from newllm.space import MATCHED, Baselines, SpaceError, load_space, parse_space, resolve_space
+from newllm.space import ABLATION, ABLATIONS, MATCHED, Baselines, SpaceError, load_space, parse_space, resolve_space
 
 # one worker runs this module under pytest -n: its module fixture runs one search, once
 pytestmark = pytest.mark.xdist_group("compare")
 
-# the tiny space of the search tests, its gate open, with a point and baselines
+# the tiny space of the search tests, its gate open, with a point, ablations and baselines
 COMPARE_SPACE = TINY_SPACE % "gate_train_er: 0.0\n  gate_val_er: 0.0" + """
 points:
   - {context_dim: 16}
+ablations: [no_phase1, no_dist_reg]
 baselines:
   params:
     phase2_lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
@@ -171,18 +174,23 @@ def test_the_search_takes_turns_and_picks_up_where_it_was_saved(tmp_path):
         return KindSearch(searchers, space, 300, "objective", "min")
 
     searcher = family_search()
-    configs = [searcher.suggest(f"t{i}") for i in range(4)]
-    assert [c.get("architecture", "residual") for c in configs] == ["residual", "lstm", "gru", "transformer"]
+    configs = [searcher.suggest(f"t{i}") for i in range(6)]
+    assert [c.get("architecture", "residual") for c in configs] == ["residual"] * 3 + ["lstm", "gru", "transformer"]
+    assert [c.get(ABLATION) for c in configs[:3]] == [None, "no_phase1", "no_dist_reg"]
     assert all(c[MATCHED] == "t0" for c in configs[1:])
+    # a sibling is its parent's sampled values, naming its ablation and parent
+    assert all({k: v for k, v in c.items() if k not in (ABLATION, MATCHED)} == configs[0] for c in configs[1:3])
     for i, c in enumerate(configs):
         searcher.on_trial_complete(f"t{i}", {"objective": 50.0 + i, **c})
     searcher.save(str(tmp_path / "state.pkl"))
 
     restored = family_search()
     restored.restore(str(tmp_path / "state.pkl"))
-    new = restored.suggest("t4")
-    assert "architecture" not in new and restored.suggest("t5")[MATCHED] == "t4"
-    assert len(restored.searchers["lstm"]._ot_study.trials) == 2  # its finished trial, and t5's
+    new = restored.suggest("t6")
+    assert "architecture" not in new and restored.suggest("t7") == {**new, ABLATION: "no_phase1", MATCHED: "t6"}
+    assert restored.suggest("t8")[ABLATION] == "no_dist_reg" and restored.suggest("t9")[MATCHED] == "t6"
+    assert len(restored.searchers["lstm"]._ot_study.trials) == 2  # its finished trial, and t9's
+    assert len(restored.searchers[NEWLLM]._ot_study.trials) == 2  # t0 and t6: no sibling
 
 
 # --- the search: the same trainable, the same table -------------------------------------------------
@@ -217,12 +225,12 @@ def test_a_comparison_search_has_a_trial_of_every_family_in_one_table(compare_se
     from newllm.experiment import load
 
     trials, iterations = load(compare_search.directory)
-    assert sorted(trials.architecture) == ["gru", "lstm", "residual", "transformer"]
-    newllm = trials[trials.family == "newllm"].iloc[0]
+    assert sorted(trials.architecture) == ["gru", "lstm", "residual", "residual", "residual", "transformer"]
+    newllm = trials[(trials.family == "newllm") & trials[ABLATION].isna()].iloc[0]
     assert newllm.context_dim == 16 and 0.1 <= newllm.dist_reg_weight <= 0.8  # the space's point, the rest sampled
     baselines = trials[trials.family == "baseline"]
     assert len(baselines) == 3 and (baselines[MATCHED] == newllm.trial_id).all()
-    assert trials[trials.family == "newllm"][MATCHED].isna().all()
+    assert pd.isna(newllm[MATCHED]) and baselines[ABLATION].isna().all()
     assert baselines[PHASE1_COLUMNS].isna().all().all() and baselines.context_dim.isna().all()
     assert (baselines.status == "passed").all() and baselines.val_ppl.notna().all()
     target = newllm.num_params_non_embedding
@@ -251,11 +259,38 @@ def test_each_kind_has_its_own_optuna_study(compare_search):
     storage = open_storage(str(compare_search.directory / "optuna.journal"))
     studies = {s.study_name: s for s in optuna.study.get_all_study_summaries(storage)}
     assert sorted(studies) == ["cmp", "cmp-gru", "cmp-lstm", "cmp-transformer"]
+    # the New-LLM study holds its one trial, not its siblings: they are measurements, not proposals
+    (newllm,) = optuna.load_study(study_name="cmp", storage=storage).trials
+    parent = trials[(trials.family == "newllm") & trials[ABLATION].isna()].iloc[0]
+    assert newllm.user_attrs["trial_id"] == parent.trial_id
     for arch in ("lstm", "gru", "transformer"):
         (trial,) = optuna.load_study(study_name=f"cmp-{arch}", storage=storage).trials
         row = trials[trials.architecture == arch].iloc[0]
         assert set(trial.params) == {"phase2_lr"} and trial.params["phase2_lr"] == row.phase2_lr
         assert trial.value == row.objective
+
+
+@pytest.mark.slow
+def test_a_sibling_differs_from_its_parent_only_in_its_ablated_setting(compare_search):
+    from newllm.config import field_types
+    from newllm.experiment import load
+
+    trials, iterations = load(compare_search.directory)
+    siblings = trials[trials[ABLATION].notna()]
+    assert sorted(siblings[ABLATION]) == sorted(ABLATIONS) and (siblings.family == "newllm").all()
+    for sibling in siblings.itertuples():
+        parent = trials[trials.trial_id == getattr(sibling, MATCHED)].iloc[0]
+        changed = {k for k in field_types() if not (pd.isna(parent[k]) and pd.isna(getattr(sibling, k)))
+                   and parent[k] != getattr(sibling, k)}
+        assert changed == set(ABLATIONS[getattr(sibling, ABLATION)]), changed
+        assert all(getattr(sibling, k) == v for k, v in ABLATIONS[getattr(sibling, ABLATION)].items())
+        assert sibling.status == "passed" and sibling.val_ppl < compare_search.data.vocab_size
+    no_phase1 = siblings[siblings[ABLATION] == "no_phase1"].iloc[0]
+    assert no_phase1[PHASE1_COLUMNS].isna().all()  # null where Phase 1 did not run: no passes, analysis or gate
+    assert set(iterations[iterations.trial_id == no_phase1.trial_id].phase) == {"phase2", "final"}
+    no_dist_reg = siblings[siblings[ABLATION] == "no_dist_reg"].iloc[0]
+    assert set(iterations[iterations.trial_id == no_dist_reg.trial_id].phase) == {"phase1", "analysis", "phase2",
+                                                                                  "final"}
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The search's algorithms in Tune's and Optuna's terms: one Optuna study per kind of trial
-(New-LLM, each baseline architecture) behind ``KindSearch``, Tune's trial generator that keeps
+"""The search's algorithms in Tune's and Optuna's terms: one Optuna study per kind of proposed
+trial (New-LLM, each baseline architecture) behind ``KindSearch``, which also makes the ablation
+siblings of each New-LLM trial (no study: measurements, not proposals), Tune's trial generator that keeps
 new trials where the experiment is now (``ExperimentSearch``), one ASHA per kind
 (``KindScheduler``), and ``run_search``, which wires them into a Tuner with the trainable and
 the callbacks.
@@ -35,7 +36,7 @@ from newllm.experiment import ITERATIONS_FILE, PartsTable, experiment_dir, files
 from newllm.search.callbacks import ParquetResults, Progress, TrialRow, attempts_on_disk, outcome, versions
 from newllm.search.storage import fail_left_running, open_storage, prune_checkpoints
 from newllm.search.trainable import run_trial
-from newllm.space import MATCHED, OBJECTIVES, SearchSpace
+from newllm.space import ABLATION, MATCHED, OBJECTIVES, SearchSpace
 
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
 # at each rung a trial continues only if its best val perplexity is in the best 1/ASHA_REDUCTION
@@ -219,21 +220,30 @@ class StudySearch(OptunaSearch):
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
 
 
+def sibling_kind(ablation: str) -> str:
+    """The kind of the ``ablation`` siblings of New-LLM trials (``newllm-no_phase1``, ...)."""
+    return f"{NEWLLM}-{ablation}"
+
+
 def kind(config: dict) -> str:
-    """``newllm``, or a baseline trial's architecture: the study that proposes a trial and the
-    ASHA that compares it."""
+    """``newllm``, a sibling's ``sibling_kind``, or a baseline trial's architecture: the study
+    that proposes a trial (none for a sibling) and the ASHA that compares it."""
+    if config.get(ABLATION) is not None:
+        return sibling_kind(config[ABLATION])
     architecture = config.get("architecture")
     return architecture if architecture in BASELINE_ARCHITECTURES else NEWLLM
 
 
 def kinds(space: SearchSpace) -> list[str]:
-    """The kinds of trial a search of ``space`` runs: New-LLM, then each baseline architecture."""
-    return [NEWLLM, *(space.baselines.architectures if space.baselines else ())]
+    """The kinds of trial a search of ``space`` runs, in the order of their turns: New-LLM, each
+    ablation's siblings, then each baseline architecture."""
+    return [NEWLLM, *map(sibling_kind, space.ablations), *(space.baselines.architectures if space.baselines else ())]
 
 
 def study_names(name: str, space: SearchSpace) -> dict[str, str]:
-    """Each kind's Optuna study: the experiment's name for New-LLM, ``<name>-<architecture>`` for a baseline."""
-    return {k: name if k == NEWLLM else f"{name}-{k}" for k in kinds(space)}
+    """Each proposed kind's Optuna study: the experiment's name for New-LLM, ``<name>-<architecture>``
+    for a baseline (siblings have none)."""
+    return {NEWLLM: name, **{k: f"{name}-{k}" for k in (space.baselines.architectures if space.baselines else ())}}
 
 
 # What a restored search needs of the objects Tune saved for it (KindSearch, the StudySearch of
@@ -243,10 +253,12 @@ STATE_FORMAT = 2
 
 
 class KindSearch(Searcher):
-    """The search's trials in turns: a New-LLM trial from the New-LLM study, then, with baselines,
-    one trial of each baseline architecture, sized to that New-LLM trial (``space.baseline_trial``)
-    with what its own study proposes (its learning rate). Every kind gets the same number of
-    trials, and each study learns from its own trials only."""
+    """The search's trials in turns (``kinds``): a New-LLM trial from the New-LLM study, then, with
+    ablations, its sibling per ablation (``space.sibling_trial``: the same configuration and seed
+    with one part removed, from no study, and told to none), then, with baselines, one trial of
+    each baseline architecture, sized to that New-LLM trial (``space.baseline_trial``) with what
+    its own study proposes (its learning rate). Every kind gets the same number of trials, and
+    each study learns from its own trials only."""
 
     def __init__(self, searchers: dict[str, Searcher], space: SearchSpace, vocab_size: int, metric, mode):
         super().__init__(metric=metric, mode=mode)
@@ -260,8 +272,10 @@ class KindSearch(Searcher):
         self.state_format = STATE_FORMAT  # missing_code refuses to resume another
 
     def suggest(self, trial_id: str):
-        kind_ = list(self.searchers)[self.turn % len(self.searchers)]
-        config = self.searchers[kind_].suggest(trial_id)
+        turns = kinds(self.space)
+        kind_ = turns[self.turn % len(turns)]
+        searcher = self.searchers.get(kind_)  # None: a sibling, which no study proposes
+        config = searcher.suggest(trial_id) if searcher is not None else {}
         if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
             return config
         self.turn += 1
@@ -270,14 +284,22 @@ class KindSearch(Searcher):
             self.matched = (trial_id, config)
             return config
         matched_id, matched = self.matched
+        if searcher is None:
+            return self.space.sibling_trial(kind_.removeprefix(f"{NEWLLM}-"), matched_id, matched)
         return {**self.space.baseline_trial(kind_, matched, config, self.vocab_size), MATCHED: matched_id}
 
+    def study_of(self, trial_id: str) -> Searcher | None:
+        """The study's searcher that proposed ``trial_id`` (None for a sibling: nothing to tell)."""
+        return self.searchers.get(self.owner.get(trial_id))
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+        if (searcher := self.study_of(trial_id)) is not None:
+            searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         where = self.where.pop(trial_id, {})
-        self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result and {**result, **where}, error)
+        if (searcher := self.study_of(trial_id)) is not None:
+            searcher.on_trial_complete(trial_id, result and {**result, **where}, error)
 
     def note(self, trial_id: str, **where) -> None:
         """Keep what only Tune's trial and the disk know of a running trial (``attempts``,
@@ -308,8 +330,8 @@ class KindSearch(Searcher):
         killed between a trial's row and Optuna's record, or a journal whose cut last record was
         set aside, leaves the study behind the trials table."""
         for trial_id, result in landed.items():
-            if trial_id in self.owner:
-                self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result)
+            if (searcher := self.study_of(trial_id)) is not None:
+                searcher.on_trial_complete(trial_id, result)
 
 
 class ExperimentSearch(SearchGenerator):
@@ -450,7 +472,8 @@ class SearchRun:
         storage_root: where experiments live (``storage.storage_root`` of ``--storage-path``).
         space: the search space.
         data: the tokenised data, shared with the trials through Ray's object store.
-        num_trials: New-LLM trials to run, and as many of each baseline architecture.
+        num_trials: New-LLM trials to run, and as many of each ablation's siblings and of each
+            baseline architecture.
         concurrency: trials at once; None: the cluster's CPUs / ``cpus_per_trial``.
         cpus_per_trial: CPUs (= torch threads) per trial.
         gpus_per_trial: GPUs per trial, fractions allowed.
@@ -562,7 +585,8 @@ def missing_code(exp_dir: str) -> str | None:
 
 def run_search(run: SearchRun) -> bool:
     """Run the search's trials and land them in ``run.exp_dir``: ``run.num_trials`` New-LLM
-    trials, and as many of each baseline architecture when the space has baselines. Returns
+    trials, and as many siblings per ablation and trials of each baseline architecture when the
+    space has them. Returns
     whether every trial finished: False when the search was interrupted (Ctrl+C), its state
     saved for a resume."""
     space, exp_dir = run.space, run.exp_dir

@@ -38,7 +38,7 @@ from newllm import __version__
 from newllm.config import NEWLLM, family_fields, field_types
 from newllm.experiment import ITERATIONS_FILE, MERGE_EVERY, TRIALS_FILE, PartsTable, filesystem, live_parts
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
-from newllm.space import MATCHED, SearchSpace
+from newllm.space import ABLATION, MATCHED, SearchSpace
 
 PROGRESS_SECONDS = 10.0
 SCALARS = (bool, int, float, str)  # the values of a reported row that land in the iterations table
@@ -234,7 +234,8 @@ class TrialRow:
     a restarted driver made Tune run it again) and ``phase1_restored`` whether the attempt that
     finished started from the Phase 1 checkpoint instead of running Phase 1. The settings that
     mean nothing to the trial's family are null; a baseline's ``matched_trial_id`` names the
-    New-LLM trial it was sized to. ``checkpoint_path`` is relative to the experiment directory
+    New-LLM trial it was sized to, a sibling's the New-LLM trial it ablates, whose ``ablation`` it
+    names (its settings are its parent's but for that one). ``checkpoint_path`` is relative to the experiment directory
     ``experiment``, so that a moved or copied experiment finds its own checkpoints."""
 
     space: SearchSpace
@@ -253,6 +254,7 @@ class TrialRow:
         cfg = self.space.trial_config(trial.config)
         settings = {k: v if k in family_fields(cfg.family) else None for k, v in cfg.to_dict().items()}
         return {"trial_id": trial.trial_id, **summary, **where, **settings, MATCHED: trial.config.get(MATCHED),
+                ABLATION: trial.config.get(ABLATION),
                 "checkpoint_path": None if checkpoint is None else self.relative(checkpoint.path), **self.versions}
 
     def relative(self, path: str) -> str:
@@ -264,7 +266,7 @@ class TrialRow:
         return {"trial_id": "string", **SUMMARY_DTYPES, **REPLICATE_DTYPES, "trial_seconds": "float64", "node_id": "string",
                 "hostname": "string", "node_ids": "string", "attempts": "Int64", "phase1_restored": "boolean",
                 "checkpoint_path": "string", **{name: CONFIG_DTYPES[t] for name, t in field_types().items()},
-                MATCHED: "string"}
+                MATCHED: "string", ABLATION: "string"}
 
 
 class Progress(Callback):
