@@ -38,8 +38,7 @@ from newllm import figures, stats
 from newllm.checks import check_writable_dir, path_arg
 from newllm.experiment import REPORT_FILE, load, write_file
 from newllm.floors import floors_line, recorded_floors
-from newllm.space import recorded_distributions
-from newllm.space import ABLATED
+from newllm.space import ABLATED, recorded_distributions
 from newllm.trials import (
     ablation_effect,
     ablation_pairs,
@@ -341,7 +340,9 @@ def history_section(trials: pd.DataFrame, floors: dict | None = None) -> Section
     return Section("Optimisation history", "Val perplexity of each passed trial in the order trials finished, and "
                    "the best so far; gate-failed, diverged and errored trials (penalised objective, no perplexity) "
                    "in the lower panel." + extras(trials, floors, "Baselines (trained end to end, no gate): one "
-                                                  "marker per architecture; the best so far is New-LLM's."),
+                                                  "marker per architecture; the best so far is New-LLM's.")
+                   + (" Ablation siblings (open circles) are measurements, not proposals: the best so far leaves "
+                      "them out." if is_sibling(trials).any() else ""),
                    figures.history_figure(trials, floors))
 
 

@@ -79,20 +79,27 @@ def hover_names(h: pd.DataFrame) -> pd.Series:
 
 
 def history_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure:
-    """Objective of each passed trial, the New-LLM best so far, each baseline architecture's
-    passed trials as its own markers and the floors (when known) as dashed lines; below, in
+    """Objective of each passed trial, the New-LLM best so far (of the trials the search
+    proposed), each ablation's siblings and each baseline architecture's passed trials as their
+    own markers and the floors (when known) as dashed lines; below, in
     their own panel, the gate-failed, diverged and errored trials at the moment they finished."""
     h = history(trials)
     penalised = h[h.status.isin(PENALISED)]
     rows = 2 if len(penalised) else 1
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22][:rows], vertical_spacing=0.05)
-    ok = h[(h.status == "passed") & ~h.baseline]
+    ok = h[(h.status == "passed") & ~h.baseline & h.ablation.isna()]
     newllm = "New-LLM " if h.baseline.any() else ""
     fig.add_trace(go.Scatter(x=ok.number, y=ok.value, mode="markers", name=f"{newllm}passed trial",
                              marker=dict(color=STATUS_COLORS["passed"], size=9), text=ok.trial_id,
                              hovertemplate="trial %{x} (%{text})<br>val_ppl %{y:.4g}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=h.number, y=h.best, mode="lines", line_shape="hv", name=f"{newllm}best so far",
                              line=dict(color="black", width=1.5)), row=1, col=1)
+    for ablation, siblings in h[(h.status == "passed") & h.ablation.notna()].groupby("ablation", sort=False):
+        fig.add_trace(go.Scatter(x=siblings.number, y=siblings.value, mode="markers", name=f"{ablation} sibling",
+                                 marker=dict(color=STATUS_COLORS["passed"], size=9, symbol="circle-open"),
+                                 text=siblings.trial_id,
+                                 hovertemplate="trial %{x} (%{text})<br>val_ppl %{y:.4g}<extra></extra>"),
+                      row=1, col=1)
     for architecture, base in by_architecture(h[(h.status == "passed") & h.baseline]):
         color, symbol = baseline_style(architecture)
         fig.add_trace(go.Scatter(x=base.number, y=base.value, mode="markers", name=f"{architecture} (baseline)",

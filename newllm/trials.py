@@ -168,17 +168,19 @@ def _python(value):
 
 def history(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per trial, in the order they finished (``number`` from 1): ``trial_id``,
-    ``status``, ``baseline`` (bool), ``architecture``, ``objective``, ``value`` (the objective of a
-    passed trial, NaN for a penalised one) and ``best``, the lowest value so far of the New-LLM
-    trials (NaN before the first passed one)."""
+    ``status``, ``baseline`` (bool), ``ablation`` (a sibling's, else None), ``architecture``,
+    ``objective``, ``value`` (the objective of a passed trial, NaN for a penalised one) and
+    ``best``, the lowest value so far of the New-LLM trials the search proposed (NaN before the
+    first passed one)."""
     objective = trials["objective"].astype(float).reset_index(drop=True)
     value = objective.where(status_is(trials, "passed").to_numpy())
-    baseline = is_baseline(trials).to_numpy()
+    baseline, sibling = is_baseline(trials).to_numpy(), is_sibling(trials).to_numpy()
     architecture = trials["architecture"].to_numpy() if "architecture" in trials else [None] * len(trials)
+    ablation = trials["ablation"].to_numpy() if "ablation" in trials else [None] * len(trials)
     return pd.DataFrame({"number": np.arange(1, len(trials) + 1), "trial_id": trials["trial_id"].to_numpy(),
                          "status": trials["status"].fillna("error").to_numpy(), "baseline": baseline,
-                         "architecture": architecture, "objective": objective, "value": value,
-                         "best": value.where(~baseline).cummin().ffill()})
+                         "ablation": ablation, "architecture": architecture, "objective": objective, "value": value,
+                         "best": value.where(~baseline & ~sibling).cummin().ffill()})
 
 
 # --- parameter importance ----------------------------------------------------------------

@@ -175,6 +175,15 @@ def test_history_has_one_point_per_trial_with_penalised_ones_apart():
                                                                                  ("diverged", (4,))}
 
 
+def test_history_draws_siblings_apart_and_leaves_them_out_of_the_best():
+    trials = make_trials(status=["passed"] * 4, val_ppl=[80, 60, 70, 50])
+    trials = trials.assign(ablation=[None, "no_phase1", None, "no_dist_reg"])
+    h = history(trials)
+    assert h.best.tolist() == [80, 80, 70, 70]  # the siblings' 60 and 50 were never proposed
+    markers = {t.name: list(t.x) for t in figures.history_figure(trials).data if t.mode == "markers"}
+    assert markers == {"passed trial": [1, 3], "no_phase1 sibling": [2], "no_dist_reg sibling": [4]}
+
+
 def test_curves_keep_each_trials_latest_attempt():
     rows = [("a", 1, "phase1", 1, 0.5), ("a", 1, "phase1", 2, 0.6),   # attempt 1, lost
             ("a", 2, "phase1", 1, 0.7), ("a", 2, "phase2", 1, 0.0),
