@@ -249,28 +249,43 @@ def ablation_lines(trials: pd.DataFrame, iterations: pd.DataFrame) -> list[str]:
     +15%], 6 pairs): removing it helps": the mean relative change of val perplexity that the part
     makes, over the pairs of a New-LLM run and its sibling's at the same configuration and seed
     (``ablation_pairs``), with its paired t-interval, and each arm's mean val perplexity with its
-    interval. The verdict is the interval's: it helps, removing it helps, or no clear effect."""
+    interval. The verdict is the interval's: it helps, removing it helps, or no clear effect. Runs
+    that did not pass (the gate, or diverged) form no pair; the line counts them in each arm, as
+    a part whose removal fails the gate helps in a way no perplexity shows."""
     siblings = trials[is_sibling(trials)]
     pairs = ablation_pairs(trials, iterations)
     lines = []
     for ablation in dict.fromkeys(siblings["ablation"]) if len(siblings) else []:
         part, of = ABLATED.get(ablation, ablation), pairs[pairs.ablation == ablation]
+        mine = siblings[siblings.ablation == ablation]
+        failed = failed_runs_text(trials[trials.trial_id.isin(mine.matched_trial_id)], mine)
         if of.empty:
             lines.append(f"{part}: no pair of a New-LLM run and its {ablation} sibling's at the same seed has both "
-                         f"passed: no comparison.")
+                         f"passed: no comparison{failed}.")
             continue
         change = ablation_effect(of)
         n = f"{len(of)} pair{'s' if len(of) != 1 else ''}"
         if len(of) < 2:
-            lines.append(f"{part} changes val_ppl by {change.mean:+.1f}% ({n}: too few for an interval).")
+            lines.append(f"{part} changes val_ppl by {change.mean:+.1f}% ({n}: too few for an interval){failed}.")
             continue
         verdict = ("removing it helps" if change.low > 0 else "it helps" if change.high < 0 else
                    "no clear effect at this number of pairs")
         full, without = (stats.mean_interval(of.val_ppl.tolist()), stats.mean_interval(of.val_ppl_without.tolist()))
         lines.append(f"{part} changes val_ppl by {change.mean:+.1f}% ({change.level:.0%} CI [{change.low:+.0f}%, "
                      f"{change.high:+.0f}%], {n}): {verdict}; val_ppl with it {interval_text(full, '{:.2f}')}, "
-                     f"without {interval_text(without, '{:.2f}')} (means, {full.level:.0%} CI).")
+                     f"without {interval_text(without, '{:.2f}')} (means, {full.level:.0%} CI){failed}.")
     return lines
+
+
+def failed_runs_text(parents: pd.DataFrame, siblings: pd.DataFrame) -> str:
+    """", runs that did not pass: a of n with it, b of m without" (the gate, or diverged: they form
+    no pair), or "" when every run of both arms passed."""
+    def counts(arm: pd.DataFrame) -> tuple[int, int]:  # (runs that did not pass, runs); an errored trial: 1 run
+        runs = int(arm["replicates"].fillna(1).sum())
+        return runs - int(arm["replicates_passed"].fillna(0).sum()), runs
+
+    (a, n), (b, m) = counts(parents), counts(siblings)
+    return "" if a == b == 0 else f"; runs that did not pass (no pair): {a} of {n} with it, {b} of {m} without"
 
 
 def gate_saving_line(trials: pd.DataFrame) -> str:

@@ -144,7 +144,8 @@ def ablation_rows():
         "family": ["newllm"] * 5, "architecture": ["gated", "gated", "residual", "residual", "gated"],
         "context_dim": [16, 16, 32, 32, 16], "seed": [7, 7, 9, 9, 7], "objective": [75.0, 70, 45, 37.5, 1e7],
         "val_ppl": [100.0, 90, 60, 50, None], "matched_trial_id": [None, "p1", None, "p2", "p1"],
-        "ablation": [None, "no_phase1", None, "no_phase1", "no_dist_reg"]})
+        "ablation": [None, "no_phase1", None, "no_phase1", "no_dist_reg"],
+        "replicates": [2] * 5, "replicates_passed": [2, 2, 2, 2, 0]})
     epochs = {("p1", 0): [120, 100], ("p1", 1): [50, 55], ("s1", 0): [90, 95], ("s1", 1): [60, 50],
               ("p2", 0): [60, 70], ("p2", 1): [30, 31], ("s2", 0): [50, 50], ("s2", 1): [25, 26],
               ("s3", 0): [80, float("nan")]}
@@ -169,7 +170,9 @@ def test_the_summary_gives_the_paired_change_and_its_interval_computed_from_the_
                              f"{mean + half:+.0f}%], 4 pairs): ")
     assert ("removing it helps" if mean - half > 0 else "no clear effect") in phase1
     assert "with it 60.00 [" in phase1 and "without 53.75 [" in phase1
-    assert dist_reg.startswith("dist-reg: no pair")
+    assert "did not pass" not in phase1
+    assert dist_reg == ("dist-reg: no pair of a New-LLM run and its no_dist_reg sibling's at the same seed has both "
+                        "passed: no comparison; runs that did not pass (no pair): 0 of 2 with it, 2 of 2 without.")
     table = ablation_table(pairs)
     assert list(table.configuration) == ["gated, C = 16", "residual, C = 32", "all configurations"]
     assert list(table.pairs) == [2, 2, 4] and table.change.iloc[1] == "+20.0% [+20.0%, +20.0%]"
