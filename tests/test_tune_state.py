@@ -33,8 +33,9 @@ PASSES, EPOCHS = 10, 30  # every epoch improves: a checkpoint each
 
 
 def value(rng: random.Random, dtype: str):
-    return {"float64": rng.random() * 100, "Int64": rng.randrange(10**6), "string": rng.choice(["passed", "max_epochs"]),
-            "boolean": rng.random() < 0.5}[dtype]
+    """A random value of a trials-table ``dtype``."""
+    return {"float64": rng.random() * 100, "Int64": rng.randrange(10**6),
+            "string": rng.choice(["passed", "max_epochs"]), "boolean": rng.random() < 0.5}[dtype]
 
 
 def record(rng: random.Random, cls) -> dict:
@@ -49,7 +50,8 @@ def rows(rng: random.Random) -> Iterator[tuple[dict, bool]]:
     where = {"family": "newllm", "architecture": "residual", "num_params": 123456, "num_params_non_embedding": 23456,
              "node_id": f"{rng.getrandbits(224):056x}", "phase1_restored": False}
     for p in range(PASSES):
-        yield {"phase": "phase1", "step": p, "replicate": 0, **where, **record(rng, PassRecord), "objective": 1e6}, False
+        yield {"phase": "phase1", "step": p, "replicate": 0, **where, **record(rng, PassRecord),
+               "objective": 1e6}, False
     yield {"phase": "analysis", "step": 0, "replicate": 0, **where, **summary, "objective": 1e6}, True
     for e in range(1, EPOCHS + 1):
         yield {"phase": "phase2", "step": e, "replicate": 0, **where, **record(rng, EpochRecord), "phase2_epoch": e,
@@ -61,12 +63,14 @@ def tune_result(report: dict, trial: Trial, iteration: int, checkpoint: bool) ->
     """``report`` with the keys Tune adds to a result (its trainable and its controller)."""
     return {**report, "timestamp": 1796178395 + iteration, "checkpoint_dir_name": None, "done": False,
             "training_iteration": iteration, "trial_id": trial.trial_id, "date": "2026-12-02_02-26-35",
-            "time_this_iter_s": 1.23456789, "time_total_s": 12.3456789 * iteration, "pid": 12345, "hostname": "gpu-node-17",
-            "node_ip": "10.0.17.3", "config": trial.config, "time_since_restore": 12.3456789 * iteration,
+            "time_this_iter_s": 1.23456789, "time_total_s": 12.3456789 * iteration, "pid": 12345,
+            "hostname": "gpu-node-17", "node_ip": "10.0.17.3", "config": trial.config,
+            "time_since_restore": 12.3456789 * iteration,
             "iterations_since_restore": iteration, **({"should_checkpoint": True} if checkpoint else {})}
 
 
 def sample(distribution: od.BaseDistribution, rng: random.Random):
+    """A random value of a search-space parameter."""
     if isinstance(distribution, od.CategoricalDistribution):
         return rng.choice(distribution.choices)
     if isinstance(distribution, od.IntDistribution):
@@ -98,6 +102,8 @@ def finished_trial(i: int, storage: StorageContext, space: SearchSpace, reports:
 
 @pytest.mark.slow(seconds=10)
 def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path):
+    # the default search; a gpu_cluster trial, whose more settings Tune copies into its config (four
+    # times) and its directory name, takes about 9 KB
     space = load_space(resolve_space("laptop"))
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="laptop")
     rng = random.Random(0)

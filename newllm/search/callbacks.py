@@ -70,7 +70,8 @@ def attempts_on_disk(rows: pa.Table | None, skip: set[str]) -> dict[str, list[st
 
 
 class ParquetResults(Callback):
-    """Append every reported row and every finished trial to the experiment's Parquet tables.
+    """Append every reported row (the row each result packs, ``trainable.reported_row``, with
+    Tune's keys) and every finished trial to the experiment's Parquet tables.
 
     ``trial_row(trial, result, node_ids)`` turns a finished trial, its last result and the node
     id of each of its attempts into the row of the trials table, whose columns get the pandas
@@ -136,7 +137,7 @@ class ParquetResults(Callback):
         row = {"trial_id": trial_id, "attempt": len(nodes)}
         row.update((k, v) for k, v in reported.items() if v is None or isinstance(v, SCALARS))
         self._pending.append(row)
-        if result.get("should_checkpoint") or time.monotonic() - self._last_flush >= self.flush_seconds:
+        if reported.get("should_checkpoint") or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def on_step_begin(self, iteration, trials, **info) -> None:
