@@ -48,3 +48,20 @@ def test_tpe_records_a_constraints_func_where_study_search_adds_a_trials_constra
     study.tell(trial, 1.0)
     assert _CONSTRAINTS_KEY == "constraints"
     assert list(study.trials[0].system_attrs[_CONSTRAINTS_KEY]) == [0.1, 1.0]
+
+
+def test_a_trial_keeps_its_metric_windows_and_checkpoints_where_lean_state_replaces_them():
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.tune.experiment import Trial
+
+    from newllm.search.algorithms import LatestCheckpoint, lean_state
+
+    trial = Trial("run_trial", stub=True)
+    assert trial.run_metadata._n_steps == (5, 10)
+    manager = trial.run_metadata.checkpoint_manager
+    assert isinstance(manager, _CheckpointManager) and manager.checkpoint_config == tune.CheckpointConfig()
+    assert manager._latest_checkpoint_result is None and manager._checkpoint_results == []
+    lean_state(trial)
+    assert isinstance(trial.run_metadata.checkpoint_manager, LatestCheckpoint)
+    trial.update_last_result({"objective": 1.0, "training_iteration": 1})
+    assert set(trial.metric_analysis["objective"]) == {"max", "min", "avg", "last"}  # no last-5 and last-10 means

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import newllm.experiment
-from newllm.search import callbacks
+from newllm.search import callbacks, trainable
 from newllm.trials import best_newllm_trial
 
 DTYPES = {"trial_id": "string", "status": "string", "objective": "float64", "attempts": "Int64",
@@ -38,9 +38,12 @@ def writer(directory: Path, flush_seconds: float = 3600.0, merge_every: int = 10
     return cb
 
 
-def report(cb, trial, phase: str, step: int, since_restore: int, node: str = "node-a", **row) -> None:
-    result = {"phase": phase, "step": step, "replicate": 0, "iterations_since_restore": since_restore, "node_id": node,
-              "trial_id": trial.trial_id, "config": trial.config, **row}
+def report(cb, trial, phase: str, step: int, since_restore: int, node: str = "node-a",
+           should_checkpoint: bool = False, **row) -> None:
+    """A row as the trainable packs it, with the keys Tune adds."""
+    result = {**trainable.packed({"phase": phase, "step": step, "replicate": 0, "node_id": node, **row}, ["objective"]),
+              "iterations_since_restore": since_restore, "trial_id": trial.trial_id, "config": trial.config,
+              **({"should_checkpoint": True} if should_checkpoint else {})}
     trial.last_result = result
     cb.on_trial_result(0, [], trial, result)
 

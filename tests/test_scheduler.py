@@ -175,9 +175,9 @@ def test_a_run_resumed_from_a_phase2_checkpoint_ends_as_the_uninterrupted_one(tm
 
 
 class FakeTune:
-    """The part of ``ray.tune`` a trainable uses, without Ray: rows and checkpoints are kept
-    (checkpoint directories copied, as Tune persists them), and ``start`` is the checkpoint the
-    trial starts from."""
+    """The part of ``ray.tune`` a trainable uses, without Ray: rows (unpacked, as the driver reads
+    them) and checkpoints are kept (checkpoint directories copied, as Tune persists them), and
+    ``start`` is the checkpoint the trial starts from."""
 
     Checkpoint = None  # set to ray.tune.Checkpoint in __init__
 
@@ -185,15 +185,20 @@ class FakeTune:
         from ray import tune
 
         self.Checkpoint, self.root, self.start = tune.Checkpoint, root, start
+        self.reports: list[dict] = []  # as reported
         self.rows: list[dict] = []
         self.checkpoints: list = []  # (row, checkpoint)
 
     def get_checkpoint(self):
         return self.start
 
-    def report(self, row: dict, checkpoint=None) -> None:
+    def report(self, result: dict, checkpoint=None) -> None:
         import shutil
 
+        from newllm.search.trainable import reported_row
+
+        row = reported_row(result)
+        self.reports.append(result)
         self.rows.append(row)
         if checkpoint is not None:
             kept = self.root / f"checkpoint_{len(self.checkpoints):03d}"
@@ -281,3 +286,27 @@ def test_a_retried_baseline_trial_starts_again_and_ends_as_the_uninterrupted_one
     assert not b["phase1_restored"] and b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-9)
     model, _ = load_model(retried.checkpoints[-1][1].path)
     assert math.exp(baseline_stream_metrics(model, data.val_ids)[0]) == pytest.approx(a["val_ppl"], rel=1e-6)
+
+
+def test_a_report_gives_tune_as_numbers_only_what_the_scheduler_and_searcher_read(tmp_path, monkeypatch):
+    """Tune tracks each number of a report, key by key, in its experiment state: a trial reports
+    as numbers ASHA's time and metric, whether the epoch is its last (``KindScheduler``) and
+    the metrics its study minimises, and its whole row packed in one string."""
+    from ray.tune.experiment import Trial
+
+    from newllm.search.trainable import ROW
+    from newllm.space import parse_space
+
+    space = parse_space(STOP_SPACE + "objectives: [val_ppl, num_params]\n", "stop.yaml")
+    data = prepare_data(DataConfig(**space.data, cache_dir=str(tmp_path / "cache")))
+    fake = run_without_ray(tmp_path / "run", monkeypatch, POINTS[0], space, data)
+    asha = algorithms.scheduler(None, space).schedulers["newllm"]
+    read = {asha._time_attr, asha._metric, "phase2_last_epoch", *space.metrics}
+    assert read == {"phase2_epoch", "objective", "phase2_last_epoch", "num_params"}
+    assert [r["phase"] for r in fake.rows][-5:] == ["analysis", "phase2", "phase2", "phase2", "final"]
+    assert read <= fake.rows[-2].keys()
+    for result, row in zip(fake.reports, fake.rows):
+        assert result.keys() == read & row.keys() | {ROW}, row["phase"]  # the rest is in the packed row
+        trial = Trial("run_trial", stub=True)
+        trial.update_last_result(dict(result))  # as Tune takes a result
+        assert set(trial.metric_analysis) == read & row.keys(), row["phase"]

@@ -14,7 +14,7 @@ import ray
 
 from newllm import experiment
 from newllm.config import family_fields
-from newllm.search import callbacks, cli, storage
+from newllm.search import callbacks, cli, storage, trainable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -359,8 +359,10 @@ def ended(status: str, val_ppl: float | None = None, train_er: float | None = 0.
 
 
 def epoch_row(epoch: int, best: float, **summary) -> dict:
-    return {"phase": "phase2", "replicate": 0, "phase2_epoch": epoch, "objective": best, "node_id": "n",
-            "if_stopped": ended("passed", best, phase2_stop_reason="scheduler", **summary)}
+    """A Phase 2 row as Tune gives it to the searcher: packed by the trainable."""
+    return trainable.packed({"phase": "phase2", "replicate": 0, "phase2_epoch": epoch, "objective": best, "node_id": "n",
+                             "if_stopped": ended("passed", best, phase2_stop_reason="scheduler", **summary)},
+                            ["objective"])
 
 
 def test_the_gate_is_a_constraint_and_a_stopped_trial_is_pruned_with_its_epochs():

@@ -25,17 +25,20 @@ import pyarrow.fs
 import ray
 from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from ray import tune
+from ray.train._internal.checkpoint_manager import _CheckpointManager
+from ray.train._internal.session import _TrainingResult
+from ray.tune.experiment import Trial
+from ray.tune.result import TIME_TOTAL_S, TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
-from ray.tune.utils.util import unflatten_dict
 
 from newllm.config import BASELINE_ARCHITECTURES, NEWLLM
 from newllm.data import TokenData
 from newllm.experiment import ITERATIONS_FILE, PartsTable, experiment_dir, filesystem, trials_table
 from newllm.search.callbacks import ParquetResults, Progress, TrialRow, attempts_on_disk, outcome, versions
 from newllm.search.storage import fail_left_running, open_storage, prune_checkpoints
-from newllm.search.trainable import run_trial
+from newllm.search.trainable import reported_row, run_trial
 from newllm.space import ABLATION, MATCHED, OBJECTIVES, SearchSpace
 
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
@@ -137,12 +140,12 @@ class StudySearch(OptunaSearch):
             ot_trial.set_user_attr("kind", self.kind)
         return config
 
-    # Tune gives a searcher its results flattened (a Phase 2 row's summary as ``if_stopped/<key>``):
-    # both hooks read them nested, as the trainable reported them
+    # both hooks read the row a result packs (``trainable.reported_row``), nested as the trainable
+    # reported it (a Phase 2 row's summary under ``if_stopped``)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._finished_in_study(trial_id):
-            self._report_epoch(trial_id, unflatten_dict(result))
+            self._report_epoch(trial_id, reported_row(result))
 
     def _report_epoch(self, trial_id: str, result: dict) -> None:
         """Report a Phase 2 row of replicate 0 as the intermediate value at its epoch, unless that
@@ -157,7 +160,7 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             return
-        result = result and unflatten_dict(result)
+        result = result and reported_row(result)
         ended = None if error or not result else outcome(result)
         if not self._finished_in_study(trial_id):
             if ended is None:  # an error, or a trial Tune removed before it reported: Ray's own telling
@@ -334,10 +337,50 @@ class KindSearch(Searcher):
                 searcher.on_trial_complete(trial_id, result)
 
 
+class LatestCheckpoint(_CheckpointManager):
+    """A trial's checkpoints as Tune's experiment state records them: its latest only, the one a
+    retried or resumed trial starts from and the trials table's ``checkpoint_path``, with the two
+    numbers of its report that Tune's restore reads (its iteration and time so far). It deletes
+    no checkpoint: they all stay while the search runs (``prune_checkpoints`` thins them at the
+    end). Tune's own manager records every checkpoint with its whole report: its state grows with
+    every epoch that improves. Its state is that checkpoint's path, file system and numbers; its
+    checkpoint config is Tune's default, the search's (``run_search``)."""
+
+    def __init__(self) -> None:
+        super().__init__(tune.CheckpointConfig())
+
+    def register_checkpoint(self, checkpoint_result: _TrainingResult) -> None:
+        metrics = checkpoint_result.metrics
+        latest = _TrainingResult(checkpoint_result.checkpoint,
+                                 {k: metrics[k] for k in (TRAINING_ITERATION, TIME_TOTAL_S) if k in metrics})
+        self._latest_checkpoint_result, self._checkpoint_results = latest, [latest]
+
+    def __getstate__(self) -> dict:
+        latest = self._latest_checkpoint_result
+        return {"latest": latest and (latest.checkpoint.path, latest.checkpoint.filesystem, latest.metrics)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        if state["latest"] is not None:
+            path, filesystem, metrics = state["latest"]
+            self.register_checkpoint(_TrainingResult(tune.Checkpoint(path, filesystem), metrics))
+
+
+def lean_state(trial: Trial) -> Trial:
+    """``trial`` with a small state in Tune's experiment state, which Tune rewrites whole every
+    few seconds: ``LatestCheckpoint`` for its checkpoints, and of each number it reports only
+    Tune's min, max, mean and last, not also the means of its last 5 and 10 values, whose
+    windows Tune keeps pickled (nothing in a search reads them)."""
+    trial.run_metadata._n_steps = ()
+    trial.run_metadata.checkpoint_manager = LatestCheckpoint()
+    return trial
+
+
 class ExperimentSearch(SearchGenerator):
     """Tune's trial generator around the search's searcher, which makes every new trial under
-    the experiment directory where the experiment is now. (Tune's own generator, restored,
-    makes them where the experiment began: a moved experiment would write to its old place.)"""
+    the experiment directory where the experiment is now, with a ``lean_state``. (Tune's own
+    generator, restored, makes them where the experiment began: a moved experiment would write
+    to its old place.)"""
 
     def __init__(self, searcher: KindSearch, concurrency: int, exp_dir: str):
         super().__init__(ConcurrencyLimiter(searcher, max_concurrent=concurrency))
@@ -355,8 +398,9 @@ class ExperimentSearch(SearchGenerator):
         if storage is not None:
             self.kind_search.bind(storage)
 
-    def create_trial_if_possible(self, experiment_spec: dict):
-        return super().create_trial_if_possible({**experiment_spec, "storage": self._here(experiment_spec["storage"])})
+    def create_trial_if_possible(self, experiment_spec: dict) -> Trial | None:
+        trial = super().create_trial_if_possible({**experiment_spec, "storage": self._here(experiment_spec["storage"])})
+        return trial and lean_state(trial)
 
     def _here(self, storage):
         """``storage`` (a Tune StorageContext) pointed at ``exp_dir``, as Tune points restored trials."""
@@ -640,7 +684,8 @@ def run_search(run: SearchRun) -> bool:
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       # every checkpoint stays while the search runs: a driver killed
                                       # and resumed goes back to its last snapshot of Tune's state, which
-                                      # may name any of them (prune_checkpoints thins them at the end)
+                                      # may name any of them (prune_checkpoints thins them at the end);
+                                      # each trial's state records its latest (LatestCheckpoint)
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
         )
     with quiet_tune():

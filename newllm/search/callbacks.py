@@ -38,6 +38,7 @@ from newllm import __version__
 from newllm.config import NEWLLM, family_fields, field_types
 from newllm.experiment import ITERATIONS_FILE, MERGE_EVERY, TRIALS_FILE, PartsTable, filesystem, live_parts
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
+from newllm.search.trainable import reported_row
 from newllm.space import ABLATION, MATCHED, SearchSpace
 
 PROGRESS_SECONDS = 10.0
@@ -69,7 +70,8 @@ def attempts_on_disk(rows: pa.Table | None, skip: set[str]) -> dict[str, list[st
 
 
 class ParquetResults(Callback):
-    """Append every reported row and every finished trial to the experiment's Parquet tables.
+    """Append every reported row (the row each result packs, ``trainable.reported_row``, with
+    Tune's keys) and every finished trial to the experiment's Parquet tables.
 
     ``trial_row(trial, result, node_ids)`` turns a finished trial, its last result and the node
     id of each of its attempts into the row of the trials table, whose columns get the pandas
@@ -128,13 +130,14 @@ class ParquetResults(Callback):
         trial_id = trial.trial_id
         if trial_id in self._landed:
             return
+        reported = reported_row(result)
         nodes = self._nodes.setdefault(trial_id, [])
-        if result.get("iterations_since_restore") == 1 or not nodes:  # a run of the trial starts
-            nodes.append(result.get("node_id") or "")
+        if reported.get("iterations_since_restore") == 1 or not nodes:  # a run of the trial starts
+            nodes.append(reported.get("node_id") or "")
         row = {"trial_id": trial_id, "attempt": len(nodes)}
-        row.update((k, v) for k, v in result.items() if v is None or isinstance(v, SCALARS))
+        row.update((k, v) for k, v in reported.items() if v is None or isinstance(v, SCALARS))
         self._pending.append(row)
-        if result.get("should_checkpoint") or time.monotonic() - self._last_flush >= self.flush_seconds:
+        if reported.get("should_checkpoint") or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def on_step_begin(self, iteration, trials, **info) -> None:
@@ -178,7 +181,7 @@ class ParquetResults(Callback):
     def _finish(self, trial, error: bool) -> None:
         if trial.trial_id in self._landed:
             return
-        result = {**(trial.last_result or {}), **({"status": "error"} if error else {})}
+        result = {**reported_row(trial.last_result or {}), **({"status": "error"} if error else {})}
         self.flush()
         row = self.trial_row(trial, result, self._nodes.pop(trial.trial_id, []))
         self._trials.append(self._trial_table(row))
@@ -286,7 +289,7 @@ class Progress(Callback):
             self.print_line()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = outcome(trial.last_result or {}) or {"status": "error"}
+        result = outcome(reported_row(trial.last_result or {})) or {"status": "error"}
         self.finished[trial.trial_id] = result["status"]
         if result.get("phase2_stop_reason") == "scheduler":
             self.stopped.add(trial.trial_id)
@@ -318,7 +321,7 @@ class Progress(Callback):
         print(f"[{time.monotonic() - self.start:6.0f}s] {len(self.finished)}/{self.total} finished"
               f"{' (' + done + ')' if done else ''} | {best}", flush=True)
         for tid, r in self.latest.items():
-            print(f"          {tid}: {_describe(r)}", flush=True)
+            print(f"          {tid}: {_describe(reported_row(r))}", flush=True)
 
 
 def failure_line(trial) -> str:

@@ -2,9 +2,18 @@
 ``newllm.run.train_run`` runs of its configuration, its replicates, with seeds seed, seed + 1, ...
 A New-LLM trial and a baseline trial (LSTM, GRU, transformer) run through the same function.
 
-Reported rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective``,
-``family``, ``architecture``, ``num_params`` and ``num_params_non_embedding`` (Tune checks the metric in every
-report; OptunaSearch reads the last one); a baseline has no ``phase1`` or ``analysis`` rows:
+What Tune is given of each row (``packed``): as numbers, only what its scheduler and searcher
+read, where the row has them: ``phase2_epoch`` and ``objective`` (ASHA's time and metric),
+``phase2_last_epoch`` (``KindScheduler``) and the metrics the study minimises (``objective``,
+and ``num_params`` in a two-objective space; Tune checks them in every report); and the whole
+row as one string, its compressed JSON under ``row``. Tune tracks every number of a report, key
+by key, in its experiment state, which it rewrites whole every few seconds; a string it only
+keeps with the trial's last result. The driver reads the row back with ``reported_row`` (the
+Parquet tables, the studies, the progress line).
+
+The rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective``,
+``family``, ``architecture``, ``num_params`` and ``num_params_non_embedding``; a baseline has
+no ``phase1`` or ``analysis`` rows:
 
 - ``phase1``, step = pass: cvfp/dist loss, converged ratio, train effective rank, lr, seconds;
 - ``analysis``, step 0: fixed-point analysis of train and val contexts and the gate verdict,
@@ -32,8 +41,11 @@ checkpoints are there for what a scheduler's stop leaves).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import tempfile
+import zlib
 from typing import Literal
 
 import ray
@@ -61,6 +73,35 @@ from newllm.space import SearchSpace
 
 Phase = Literal["phase1", "analysis", "phase2", "final"]
 
+# the key of a report's packed row, and the keys a report also carries as numbers where its row
+# has them: ASHA's time and metric and the trial's last epoch (``KindScheduler``), and each
+# metric Optuna minimises (``SearchSpace.metrics``)
+ROW = "row"
+SCHEDULER_KEYS = ("phase2_epoch", "objective", "phase2_last_epoch")
+
+
+def packed(row: dict, metrics: list[str]) -> dict:
+    """What a trial reports to Tune for ``row``: the scheduler's keys and the searcher's
+    ``metrics`` it has, as numbers, and the whole row under ``ROW`` as one string (its JSON,
+    compressed: about half the size), which Tune keeps with the trial's last result but does not
+    track key by key. ``reported_row`` gives the row back."""
+    text = base64.b64encode(zlib.compress(json.dumps(row, separators=(",", ":")).encode(), 9))
+    return {**{k: row[k] for k in dict.fromkeys((*SCHEDULER_KEYS, *metrics)) if k in row}, ROW: text.decode()}
+
+
+def reported_row(result: dict) -> dict:
+    """The row a reported ``result`` packs, then the keys Tune added to the report (``trial_id``,
+    ``training_iteration``, ``hostname``, ...) and the driver's own (``attempts``). A result
+    without a packed row (none reported yet, a trials-table row) gives its own keys."""
+    rest = {k: v for k, v in result.items() if k != ROW}
+    return {**json.loads(zlib.decompress(base64.b64decode(result[ROW]))), **rest} if ROW in result else rest
+
+
+def report(row: dict, metrics: list[str], checkpoint_dir: str | None = None) -> None:
+    """Report ``row`` to Tune, ``packed``, with the checkpoint in ``checkpoint_dir`` if given."""
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    tune.report(packed(row, metrics), checkpoint=checkpoint)
+
 
 def trial_resources() -> tuple[int, str]:
     """(CPU threads, device) from what Tune gave this trial."""
@@ -86,8 +127,8 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
 
     if record is not None and "summary" in record:  # the trial had finished: nothing to redo
         where["phase1_restored"] = record["phase1_restored"]
-        tune.report({"phase": "final", "step": 0, "replicate": 0, **where, "threads": threads, "device": device,
-                     **record["summary"]})
+        report({"phase": "final", "step": 0, "replicate": 0, **where, "threads": threads, "device": device,
+                **record["summary"]}, space.metrics)
         return
     if record is not None and cfg.family == "baseline":
         where["phase1_restored"] = False
@@ -101,7 +142,7 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
             model, resume = restored, resume_from(record)
         record = None  # (a baseline's replicate starts again)
         kept = {"replicates": summaries, "first_model": first_model} if replicate else {"replicates": summaries}
-        summaries.append(run_replicate(rcfg, data, model, resume, replicate, where, kept))
+        summaries.append(run_replicate(rcfg, data, model, resume, replicate, where, kept, space.metrics))
         if replicate == 0:
             first_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(first_model)
@@ -109,21 +150,21 @@ def run_trial(config: dict, space: SearchSpace, data: TokenData) -> None:
     with tempfile.TemporaryDirectory() as d:
         save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), summary=summary,
                    phase1_restored=where["phase1_restored"])
-        tune.report({"phase": "final", "step": 0, "replicate": 0, **where, "threads": threads, "device": device,
-                     **summary}, checkpoint=tune.Checkpoint.from_directory(d))
+        report({"phase": "final", "step": 0, "replicate": 0, **where, "threads": threads, "device": device,
+                **summary}, space.metrics, d)
 
 
 def run_replicate(cfg: TrainConfig, data: TokenData, model: Model, resume: Resume | None, replicate: int,
-                  where: dict, kept: dict) -> dict:
+                  where: dict, kept: dict, metrics: list[str]) -> dict:
     """One run of the trial (``newllm.run.train_run``), reporting its rows and checkpoints; returns its
-    summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial."""
+    summary. ``kept``: what every checkpoint also holds, for a retry to pick up the trial;
+    ``metrics``: the ones the searcher minimises (``report``)."""
     model_info = {"family": cfg.family, "architecture": cfg.architecture, "num_params": model.num_params(),
                   "num_params_non_embedding": model.num_params(non_embedding=True)}
 
     def send_row(phase: Phase, step: int, row: dict, checkpoint_dir: str | None = None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({"phase": phase, "step": step, "replicate": replicate, **model_info, **where, **row},
-                    checkpoint=checkpoint)
+        report({"phase": phase, "step": step, "replicate": replicate, **model_info, **where, **row}, metrics,
+               checkpoint_dir)
 
     def save(d: str, result: TrainResult, state: Phase2State | None = None) -> None:
         save_model(d, model, data.tokenizer_json, train_config=cfg.to_dict(), **kept,
