@@ -335,3 +335,12 @@ def test_the_best_new_llm_trial_is_the_passed_one_with_the_lowest_objective():
     assert best_newllm_trial(trials[trials.status != "passed"]) is None
     # an experiment of New-LLM trials only may lack the family column
     assert best_newllm_trial(trials.drop(columns="family").iloc[2:]).trial_id == "a"
+
+
+def test_the_progress_line_best_is_a_proposed_trials_never_a_siblings(capsys):
+    progress = callbacks.Progress(total=3)
+    for trial_id, objective, config in [("p", 50.0, {}), ("s", 40.0, {"ablation": "no_phase1"})]:
+        trial = SimpleNamespace(trial_id=trial_id, config=config, last_result=trainable.packed(
+            {"phase": "final", "status": "passed", "objective": objective, "family": "newllm"}, ["objective"]))
+        progress.on_trial_complete(0, [], trial)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("2/3 finished (2 passed) | best val_ppl 50.00 (p)")

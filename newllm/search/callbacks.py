@@ -295,7 +295,9 @@ class Progress(Callback):
             self.stopped.add(trial.trial_id)
         self.latest.pop(trial.trial_id, None)
         family = result.get("family") or NEWLLM
-        if result["status"] == "passed" and (family not in self.best or result["objective"] < self.best[family][0]):
+        proposed = trial.config.get(ABLATION) is None  # a sibling is a measurement: never the best
+        if result["status"] == "passed" and proposed and (family not in self.best
+                                                          or result["objective"] < self.best[family][0]):
             who = trial.trial_id if family == NEWLLM else f"{trial.config.get('architecture')} {trial.trial_id}"
             self.best[family] = (result["objective"], who)
         self.print_line()
