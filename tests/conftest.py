@@ -40,10 +40,27 @@ def expected_seconds(item: pytest.Item) -> float:
 SLOW_SECONDS = 30
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # longest first: run side by side (pytest -n 2), the short ones fill in at the end; a test
-    # that runs alone last, when the other worker has at most a short test left to finish
-    items.sort(key=lambda item: (item.get_closest_marker("alone") is None, expected_seconds(item)), reverse=True)
+    # that runs alone last, when the other worker has at most a short test left to finish. The
+    # tests of one xdist_group stay together, longest first, at the place of their sum: they share
+    # a module fixture (a search, a cluster), which pytest tears down as soon as the next test is
+    # another module's. The tests that read the session's tiny search are one group, so that one
+    # worker runs that search, once
+    for item in items:
+        if "tiny_search" in getattr(item, "fixturenames", ()) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group("tiny_search"))
+
+    def group(item: pytest.Item) -> str:
+        marker = item.get_closest_marker("xdist_group")
+        return marker.args[0] if marker else item.nodeid
+
+    seconds: dict[str, float] = {}
+    for item in items:
+        seconds[group(item)] = seconds.get(group(item), 0.0) + expected_seconds(item)
+    items.sort(key=lambda item: (item.get_closest_marker("alone") is None, seconds[group(item)], group(item),
+                                 expected_seconds(item)), reverse=True)
 
 
 # Every test holds this file shared while it runs (its fixtures included), a test marked

@@ -18,6 +18,7 @@ from newllm.baselines import baseline_stream_metrics
 from newllm.checkpoint import load_model, save_model
 from newllm.config import TrainConfig
 from newllm.data import DataConfig, prepare_data
+from newllm.phase2 import sequential_stream_metrics
 from newllm.run import SUMMARY_DTYPES, build_model, train_run
 from newllm.space import ABLATION, ABLATIONS, MATCHED, Baselines, SpaceError, load_space, parse_space, resolve_space
 
@@ -285,6 +286,10 @@ def test_a_sibling_differs_from_its_parent_only_in_its_ablated_setting(compare_s
         assert changed == set(ABLATIONS[getattr(sibling, ABLATION)]), changed
         assert all(getattr(sibling, k) == v for k, v in ABLATIONS[getattr(sibling, ABLATION)].items())
         assert sibling.status == "passed" and sibling.val_ppl < compare_search.data.vocab_size
+        # its checkpoint is the model its row measures, read by the sequential oracle
+        model, _ = load_model(experiment.checkpoint_dir(compare_search.directory, sibling.checkpoint_path))
+        val = sequential_stream_metrics(model, compare_search.data.val_ids)[0]
+        assert math.exp(val) == pytest.approx(sibling.val_ppl, rel=1e-2)
     no_phase1 = siblings[siblings[ABLATION] == "no_phase1"].iloc[0]
     assert no_phase1[PHASE1_COLUMNS].isna().all()  # null where Phase 1 did not run: no passes, analysis or gate
     assert set(iterations[iterations.trial_id == no_phase1.trial_id].phase) == {"phase2", "final"}

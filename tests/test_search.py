@@ -244,7 +244,7 @@ def test_replicates_run_each_configuration_with_k_seeds_and_optuna_gets_their_me
     assert "val_ppl mean ± std" in (tmp_path / "res" / "reps" / analyze.REPORT_FILE).read_text()
 
 
-@pytest.mark.slow(seconds=180)
+@pytest.mark.slow(seconds=120)
 def test_the_laptop_search_shows_the_gate_and_its_optuna_study_is_live_during_it(tmp_path):
     """The README's main command (the laptop space, seed 0): some trials collapse in Phase 1 and
     fail the gate, most pass. Its Optuna study is readable while the driver runs, as by
