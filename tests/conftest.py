@@ -63,6 +63,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                  expected_seconds(item)), reverse=True)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # a group pytest-xdist failed to mark would run split across workers, each running its
+    # module's search again: say so rather than run slowly
+    if session.config.getoption("loadgroup", False):
+        lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist did not mark the xdist_group of {lost[0]} (and "
+                                    f"{len(lost) - 1} more): this pytest and pytest-xdist do not work together")
+
+
 # Every test holds this file shared while it runs (its fixtures included), a test marked
 # ``alone`` holds it exclusive: that test stops every Ray on this machine (``ray stop``), so no
 # other test, in this session or in another one beside it, runs meanwhile.
