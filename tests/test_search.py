@@ -409,3 +409,19 @@ def test_a_resumed_trial_that_was_left_running_is_told_again_with_its_state_and_
     assert again.user_attrs["trial_id"] == "a" and again.user_attrs["attempts"] == 2
     assert again.user_attrs["checkpoint_path"] == "a/c3" and max(again.system_attrs["constraints"]) <= 0
     assert list(again.system_attrs["constraints"]) == list(again.user_attrs["constraints"].values())
+
+
+def test_a_kind_that_searches_nothing_gets_its_fixed_settings_and_a_study_trial():
+    # a baselines section with `params: {}` (its learning rate fixed): Ray's OptunaSearch refuses
+    # an empty space
+    from newllm.search.algorithms import StudySearch, study_sampler
+
+    studies = optuna.storages.InMemoryStorage()
+    searcher = StudySearch(space={}, metric="objective", mode="min", study_name="s-lstm", storage=studies,
+                           sampler=study_sampler(0), kind="lstm", learned_nothing=500.0)
+    assert searcher.suggest("a") == {} and searcher.suggest("a") == {} and searcher.suggest("b") == {}
+    searcher.on_trial_complete("a", trainable.packed({"phase": "final", **ended("passed", 80.0, family="baseline",
+                                                                                 objective=80.0)}, ["objective"]))
+    (told, running) = optuna.load_study(study_name="s-lstm", storage=studies).trials
+    assert told.user_attrs["trial_id"] == "a" and told.value == 80.0 and told.params == {}
+    assert running.user_attrs["trial_id"] == "b" and running.state == optuna.trial.TrialState.RUNNING

@@ -121,6 +121,8 @@ class StudySearch(OptunaSearch):
     def __init__(self, *, kind: str, learned_nothing: float, gate_space: SearchSpace | None = None, **optuna_search):
         super().__init__(**optuna_search)
         self.kind, self.learned_nothing, self.gate_space = kind, learned_nothing, gate_space
+        if self._ot_study is None:  # OptunaSearch makes the study of a non-empty space only
+            self._setup_study(self._mode)
 
     def _finished_in_study(self, trial_id: str) -> bool:
         ot_trial = self._ot_trials.get(trial_id)
@@ -133,7 +135,12 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str):
         asked = trial_id in self._ot_trials
-        config = super().suggest(trial_id)
+        if self._space:
+            config = super().suggest(trial_id)
+        else:  # a kind that searches nothing (a baselines section with no params): its study records it
+            if not asked:
+                self._ot_trials[trial_id] = self._ot_study.ask()
+            config = {}
         if not asked:
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr("trial_id", trial_id)
