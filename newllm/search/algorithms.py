@@ -38,7 +38,8 @@ from newllm.data import TokenData
 from newllm.experiment import ITERATIONS_FILE, PartsTable, experiment_dir, filesystem, trials_table
 from newllm.search.callbacks import ParquetResults, Progress, TrialRow, attempts_on_disk, outcome, versions
 from newllm.search.storage import fail_left_running, open_storage, prune_checkpoints
-from newllm.search.trainable import reported_row, run_trial
+from newllm.search.packing import reported_row
+from newllm.search.trainable import run_trial
 from newllm.space import ABLATION, MATCHED, OBJECTIVES, SearchSpace
 
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
@@ -140,7 +141,7 @@ class StudySearch(OptunaSearch):
             ot_trial.set_user_attr("kind", self.kind)
         return config
 
-    # both hooks read the row a result packs (``trainable.reported_row``), nested as the trainable
+    # both hooks read the row a result packs (``packing.reported_row``), nested as the trainable
     # reported it (a Phase 2 row's summary under ``if_stopped``)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
