@@ -528,6 +528,8 @@ class SearchRun:
         optuna_storage: the studies' storage (``storage.optuna_storage``); None keeps them in memory.
         points: New-LLM configurations to try first, in order, after the space's own
             (benchmarks give the same ones to every side).
+        trainable: the function Tune runs for each trial, given its config; None: ``run_trial``
+            with the space and data (a benchmark's stand-in replays a recorded trial).
     """
 
     name: str
@@ -543,6 +545,7 @@ class SearchRun:
     resume: bool = False
     optuna_storage: str | None = None
     points: tuple[dict, ...] = ()
+    trainable: Callable[[dict], None] | None = None
 
     @property
     def exp_dir(self) -> str:
@@ -636,8 +639,8 @@ def run_search(run: SearchRun) -> bool:
     saved for a resume."""
     space, exp_dir = run.space, run.exp_dir
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, data=run.data),
-                                    {"cpu": run.cpus_per_trial, "gpu": run.gpus_per_trial})
+    function = run.trainable or tune.with_parameters(run_trial, space=space, data=run.data)
+    trainable = tune.with_resources(function, {"cpu": run.cpus_per_trial, "gpu": run.gpus_per_trial})
     studies = None if run.optuna_storage is None else open_storage(run.optuna_storage)
     total = run.num_trials * len(kinds(space))
     row = TrialRow(space, versions(), exp_dir)
