@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import newllm.experiment
-from newllm.search import callbacks, trainable
+from newllm.search import callbacks, packing
 from newllm.trials import best_newllm_trial
 
 DTYPES = {"trial_id": "string", "status": "string", "objective": "float64", "attempts": "Int64",
@@ -41,7 +41,7 @@ def writer(directory: Path, flush_seconds: float = 3600.0, merge_every: int = 10
 def report(cb, trial, phase: str, step: int, since_restore: int, node: str = "node-a",
            should_checkpoint: bool = False, **row) -> None:
     """A row as the trainable packs it, with the keys Tune adds."""
-    result = {**trainable.packed({"phase": phase, "step": step, "replicate": 0, "node_id": node, **row}, ["objective"]),
+    result = {**packing.packed({"phase": phase, "step": step, "replicate": 0, "node_id": node, **row}, ["objective"]),
               "iterations_since_restore": since_restore, "trial_id": trial.trial_id, "config": trial.config,
               **({"should_checkpoint": True} if should_checkpoint else {})}
     trial.last_result = result
@@ -340,7 +340,7 @@ def test_the_best_new_llm_trial_is_the_passed_one_with_the_lowest_objective():
 def test_the_progress_line_best_is_a_proposed_trials_never_a_siblings(capsys):
     progress = callbacks.Progress(total=3)
     for trial_id, objective, config in [("p", 50.0, {}), ("s", 40.0, {"ablation": "no_phase1"})]:
-        trial = SimpleNamespace(trial_id=trial_id, config=config, last_result=trainable.packed(
+        trial = SimpleNamespace(trial_id=trial_id, config=config, last_result=packing.packed(
             {"phase": "final", "status": "passed", "objective": objective, "family": "newllm"}, ["objective"]))
         progress.on_trial_complete(0, [], trial)
     assert capsys.readouterr().out.splitlines()[-1].endswith("2/3 finished (2 passed) | best val_ppl 50.00 (p)")

@@ -195,7 +195,7 @@ class FakeTune:
     def report(self, result: dict, checkpoint=None) -> None:
         import shutil
 
-        from newllm.search.trainable import reported_row
+        from newllm.search.packing import reported_row
 
         row = reported_row(result)
         self.reports.append(result)
@@ -294,7 +294,7 @@ def test_a_report_gives_tune_as_numbers_only_what_the_scheduler_and_searcher_rea
     the metrics its study minimises, and its whole row packed in one string."""
     from ray.tune.experiment import Trial
 
-    from newllm.search.trainable import ROW
+    from newllm.search.packing import ROW
     from newllm.space import parse_space
 
     space = parse_space(STOP_SPACE + "objectives: [val_ppl, num_params]\n", "stop.yaml")

@@ -14,7 +14,7 @@ import ray
 
 from newllm import experiment
 from newllm.config import family_fields
-from newllm.search import callbacks, cli, storage, trainable
+from newllm.search import callbacks, cli, packing, storage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -360,7 +360,7 @@ def ended(status: str, val_ppl: float | None = None, train_er: float | None = 0.
 
 def epoch_row(epoch: int, best: float, **summary) -> dict:
     """A Phase 2 row as Tune gives it to the searcher: packed by the trainable."""
-    return trainable.packed({"phase": "phase2", "replicate": 0, "phase2_epoch": epoch, "objective": best, "node_id": "n",
+    return packing.packed({"phase": "phase2", "replicate": 0, "phase2_epoch": epoch, "objective": best, "node_id": "n",
                              "if_stopped": ended("passed", best, phase2_stop_reason="scheduler", **summary)},
                             ["objective"])
 

@@ -24,7 +24,7 @@ from ray.tune.utils.serialization import TuneFunctionEncoder
 from newllm.phase1 import PassRecord
 from newllm.phase2 import EpochRecord
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
-from newllm.search import algorithms, trainable
+from newllm.search import algorithms, packing
 from newllm.space import SearchSpace, load_space, resolve_space
 
 TRIALS = 1000
@@ -107,7 +107,7 @@ def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path):
     space = load_space(resolve_space("laptop"))
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="laptop")
     rng = random.Random(0)
-    reports = [(trainable.packed(row, space.metrics), checkpoint) for row, checkpoint in rows(rng)]
+    reports = [(packing.packed(row, space.metrics), checkpoint) for row, checkpoint in rows(rng)]
     trials = [finished_trial(i, storage, space, reports, rng) for i in range(TRIALS)]
     # as TuneController.save_to_dir writes experiment_state-*.json
     state = json.dumps({"trial_data": [t.get_json_state() for t in trials]}, cls=TuneFunctionEncoder)
@@ -116,7 +116,7 @@ def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path):
 
     last = trials[-1]
     # what a resumed search needs of a trial: its last row and its latest checkpoint
-    assert trainable.reported_row(last.last_result)["phase"] == "final"
+    assert packing.reported_row(last.last_result)["phase"] == "final"
     assert last.checkpoint.path.endswith(f"checkpoint_{PASSES + EPOCHS + 2:06d}")
     restored = Trial("run_trial", stub=True)  # as a resumed Tune reads the state
     restored.restore_run_metadata(last.get_json_state()[1])

@@ -38,7 +38,8 @@ from newllm.data import TokenData
 from newllm.experiment import ITERATIONS_FILE, PartsTable, experiment_dir, filesystem, trials_table
 from newllm.search.callbacks import ParquetResults, Progress, TrialRow, attempts_on_disk, outcome, versions
 from newllm.search.storage import fail_left_running, open_storage, prune_checkpoints
-from newllm.search.trainable import reported_row, run_trial
+from newllm.search.packing import reported_row
+from newllm.search.trainable import run_trial
 from newllm.space import ABLATION, MATCHED, OBJECTIVES, SearchSpace
 
 # ASHA's rungs, in Phase 2 epochs: the first after 1 epoch, then every ASHA_REDUCTION times more;
@@ -147,7 +148,7 @@ class StudySearch(OptunaSearch):
             ot_trial.set_user_attr("kind", self.kind)
         return config
 
-    # both hooks read the row a result packs (``trainable.reported_row``), nested as the trainable
+    # both hooks read the row a result packs (``packing.reported_row``), nested as the trainable
     # reported it (a Phase 2 row's summary under ``if_stopped``)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -534,6 +535,8 @@ class SearchRun:
         optuna_storage: the studies' storage (``storage.optuna_storage``); None keeps them in memory.
         points: New-LLM configurations to try first, in order, after the space's own
             (benchmarks give the same ones to every side).
+        trainable: the function Tune runs for each trial, given its config; None: ``run_trial``
+            with the space and data (a benchmark's stand-in replays a recorded trial).
     """
 
     name: str
@@ -549,6 +552,7 @@ class SearchRun:
     resume: bool = False
     optuna_storage: str | None = None
     points: tuple[dict, ...] = ()
+    trainable: Callable[[dict], None] | None = None
 
     @property
     def exp_dir(self) -> str:
@@ -642,8 +646,8 @@ def run_search(run: SearchRun) -> bool:
     saved for a resume."""
     space, exp_dir = run.space, run.exp_dir
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, data=run.data),
-                                    {"cpu": run.cpus_per_trial, "gpu": run.gpus_per_trial})
+    function = run.trainable or tune.with_parameters(run_trial, space=space, data=run.data)
+    trainable = tune.with_resources(function, {"cpu": run.cpus_per_trial, "gpu": run.gpus_per_trial})
     studies = None if run.optuna_storage is None else open_storage(run.optuna_storage)
     total = run.num_trials * len(kinds(space))
     row = TrialRow(space, versions(), exp_dir)

@@ -38,7 +38,7 @@ from newllm import __version__
 from newllm.config import NEWLLM, family_fields, field_types
 from newllm.experiment import ITERATIONS_FILE, MERGE_EVERY, TRIALS_FILE, PartsTable, filesystem, live_parts
 from newllm.run import REPLICATE_DTYPES, SUMMARY_DTYPES
-from newllm.search.trainable import reported_row
+from newllm.search.packing import reported_row
 from newllm.space import ABLATION, MATCHED, SearchSpace
 
 PROGRESS_SECONDS = 10.0
@@ -70,7 +70,7 @@ def attempts_on_disk(rows: pa.Table | None, skip: set[str]) -> dict[str, list[st
 
 
 class ParquetResults(Callback):
-    """Append every reported row (the row each result packs, ``trainable.reported_row``, with
+    """Append every reported row (the row each result packs, ``packing.reported_row``, with
     Tune's keys) and every finished trial to the experiment's Parquet tables.
 
     ``trial_row(trial, result, node_ids)`` turns a finished trial, its last result and the node

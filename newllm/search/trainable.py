@@ -2,14 +2,8 @@
 ``newllm.run.train_run`` runs of its configuration, its replicates, with seeds seed, seed + 1, ...
 A New-LLM trial and a baseline trial (LSTM, GRU, transformer) run through the same function.
 
-What Tune is given of each row (``packed``): as numbers, only what its scheduler and searcher
-read, where the row has them: ``phase2_epoch`` and ``objective`` (ASHA's time and metric),
-``phase2_last_epoch`` (``KindScheduler``) and the metrics the study minimises (``objective``,
-and ``num_params`` in a two-objective space; Tune checks them in every report); and the whole
-row as one string, its compressed JSON under ``row``. Tune tracks every number of a report, key
-by key, in its experiment state, which it rewrites whole every few seconds; a string it only
-keeps with the trial's last result. The driver reads the row back with ``reported_row`` (the
-Parquet tables, the studies, the progress line).
+Each row goes to Tune ``packed`` (``newllm.search.packing``): the numbers its scheduler and
+searcher read, and the whole row as one compressed string.
 
 The rows, each with ``phase``, ``step`` and ``replicate`` and all carrying ``objective``,
 ``family``, ``architecture``, ``num_params`` and ``num_params_non_embedding``; a baseline has
@@ -41,11 +35,8 @@ checkpoints are there for what a scheduler's stop leaves).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import tempfile
-import zlib
 from typing import Literal
 
 import ray
@@ -69,32 +60,10 @@ from newllm.run import (
     resume_from,
     train_run,
 )
+from newllm.search.packing import packed
 from newllm.space import SearchSpace
 
 Phase = Literal["phase1", "analysis", "phase2", "final"]
-
-# the key of a report's packed row, and the keys a report also carries as numbers where its row
-# has them: ASHA's time and metric and the trial's last epoch (``KindScheduler``), and each
-# metric Optuna minimises (``SearchSpace.metrics``)
-ROW = "row"
-SCHEDULER_KEYS = ("phase2_epoch", "objective", "phase2_last_epoch")
-
-
-def packed(row: dict, metrics: list[str]) -> dict:
-    """What a trial reports to Tune for ``row``: the scheduler's keys and the searcher's
-    ``metrics`` it has, as numbers, and the whole row under ``ROW`` as one string (its JSON,
-    compressed: about half the size), which Tune keeps with the trial's last result but does not
-    track key by key. ``reported_row`` gives the row back."""
-    text = base64.b64encode(zlib.compress(json.dumps(row, separators=(",", ":")).encode(), 9))
-    return {**{k: row[k] for k in dict.fromkeys((*SCHEDULER_KEYS, *metrics)) if k in row}, ROW: text.decode()}
-
-
-def reported_row(result: dict) -> dict:
-    """The row a reported ``result`` packs, then the keys Tune added to the report (``trial_id``,
-    ``training_iteration``, ``hostname``, ...) and the driver's own (``attempts``). A result
-    without a packed row (none reported yet, a trials-table row) gives its own keys."""
-    rest = {k: v for k, v in result.items() if k != ROW}
-    return {**json.loads(zlib.decompress(base64.b64decode(result[ROW]))), **rest} if ROW in result else rest
 
 
 def report(row: dict, metrics: list[str], checkpoint_dir: str | None = None) -> None:

@@ -1,0 +1,438 @@
+"""Many trials: the search at 1,000 real trials on one machine, and 10,000 replayed ones on 32 slots.
+
+Does it hold up as trials pile up?
+
+Two modes, each in its own driver process (``--mode both`` runs them one after the other):
+
+- **real**: the tiny space (``TINY_SPACE``, trials of a few seconds; the gate passes every trial
+  that does not diverge) as ``python -m newllm.search --local`` runs it: a local Ray of this
+  machine's CPUs, one trial per CPU, the Optuna study in its journal, ASHA; then the end-of-search
+  summary and report;
+- **replay**: a loopback ``ray.cluster_utils.Cluster`` (a head that runs no trials, ``--nodes``
+  worker nodes of ``--cpus-per-node`` logical CPUs each) running a *replay trainable* through the
+  real searcher, scheduler, callbacks and results writer (``SearchRun.trainable``): no torch,
+  each trial reports the rows one real tiny trial reported, in the same shape and order, with
+  checkpoints of the same sizes, sleeping as long as that trial took to reach each row (times
+  ``--time-scale``). The real trial is recorded first, in a child process (``--recording`` keeps
+  it in a file for the next run).
+
+Every trial's function notes its start and end (wall clock, a file per worker process). From them:
+
+- **per-trial overhead**: the idle time of a slot between a trial's end and the next trial's
+  start on it (the driver's turnaround, Tune's actor reset, the parameters' fetch); the median
+  over the first 10% of trials (by start; the first wave, which had no trial before it, left out)
+  and over the last 10%. Goal: last / first <= 1.2. Also the driver's CPU seconds per trial in the
+  same windows (its process, every thread; the first wave left out);
+- **trial compute / slots**: the sum of the trials' durations over the slots, against the wall time
+  of ``run_search`` (real); in replay the ideal is trials x the recorded trial's seconds (scaled) /
+  slots. Goal (replay): wall <= 1.15 x ideal (also given: from the first trial's start to the last
+  one's end, without Ray's start of the workers, over the ideal);
+- **end of search**: from the last trial's end to ``run_search``'s return (Tune's end, the results'
+  compaction, the checkpoints' pruning), then the summary and ``write_report`` as the command
+  runs them;
+- **Optuna suggest**: the driver's seconds in ``KindSearch.suggest`` for each trial made, median
+  over the first and last 10%;
+- Tune's state (``experiment_state-*.json``; goal in replay <= 100 MB) and the driver's peak RSS
+  (``ru_maxrss``; goal in replay <= 2 GiB).
+
+    .venv/bin/python benchmarks/many_trials.py                       # both, at the issue's sizes
+    .venv/bin/python benchmarks/many_trials.py --mode real --trials 20
+    .venv/bin/python benchmarks/many_trials.py --mode replay --trials 200 --time-scale 0.05
+
+Prints the search's progress lines and a summary per mode, then one JSON line (last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import ray
+from ray import tune
+
+from newllm.analyze import write_report
+from newllm.data import DataConfig, prepare_data
+from newllm.experiment import load
+from newllm.floors import floors, record_floors
+from newllm.search import algorithms, cli
+from newllm.search.algorithms import KindSearch, SearchRun, run_search
+from newllm.search.callbacks import ParquetResults
+from newllm.search.packing import packed, reported_row
+from newllm.search.storage import optuna_storage
+from newllm.search.trainable import run_trial
+from newllm.space import load_space, record_space
+
+# tests/conftest.py's TINY_SPACE with the tiny search's gate (every trial that does not diverge passes)
+TINY_SPACE = """
+num_trials: 3
+params:
+  context_dim: {type: categorical, choices: [8, 16]}
+  num_layers: {type: int, low: 1, high: 2}
+  dist_reg_weight: {type: float, low: 0.1, high: 0.8}
+fixed:
+  embed_dim: 8
+  phase1_max_iter: 4
+  phase1_streams: 4
+  phase2_epochs: 2
+  phase2_lr: 0.001
+  phase2_batch_size: 64
+  gate_train_er: 0.0
+  gate_val_er: 0.0
+data:
+  num_samples: 6
+  vocab_size: 300
+"""
+# the configuration of the recorded trial (the larger of the tiny space's models)
+RECORDED_CONFIG = {"context_dim": 16, "num_layers": 2, "dist_reg_weight": 0.45}
+DEFAULT_TRIALS = {"real": 1_000, "replay": 10_000}
+GOALS = {"overhead_last_over_first": 1.2, "wall_over_ideal": 1.15, "driver_rss_gib": 2.0, "tune_state_mb": 100.0}
+
+
+# ---- what runs in the trials' workers (pickled by value from here; the replay imports no torch)
+
+def _note(timings: str, start: float) -> None:
+    """Append this trial's start and end (wall clock) to its worker process's file under ``timings``."""
+    line = json.dumps({"trial_id": tune.get_context().get_trial_id(), "start": start, "end": time.time()})
+    with open(f"{timings}/{os.getpid()}.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def real_trial(config: dict, space, data, timings: str) -> None:
+    """``run_trial``, noting its start and end (also when ASHA stops it: Tune ends its thread)."""
+    start = time.time()
+    try:
+        run_trial(config, space, data)
+    finally:
+        _note(timings, start)
+
+
+def replay_trial(config: dict, recording: dict, metrics: list[str], time_scale: float, timings: str) -> None:
+    """The recorded trial's rows, each ``packed`` as the real trainable reports it (its ``node_id`` this
+    node's), at the recorded seconds after the start times ``time_scale``, with a checkpoint of the
+    recorded size where the row had one."""
+    start = time.time()
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        for step in recording["steps"]:
+            time.sleep(max(0.0, start + step["at"] * time_scale - time.time()))
+            row = {**step["row"], **({"node_id": node} if "node_id" in step["row"] else {})}
+            if step["checkpoint_bytes"] is None:
+                tune.report(packed(row, metrics))
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "model.bin").write_bytes(bytes(step["checkpoint_bytes"]))
+                tune.report(packed(row, metrics), checkpoint=tune.Checkpoint.from_directory(d))
+        time.sleep(max(0.0, start + recording["seconds"] * time_scale - time.time()))
+        if "torch" in sys.modules:
+            raise RuntimeError("the replay trainable's worker imported torch")
+    finally:
+        _note(timings, start)
+
+
+# ---- the recording (in a child process: its torch stays out of the driver's RSS)
+
+def record_trial(space_path: str, config: dict) -> dict:
+    """One real trial of ``config`` run twice (the first warms up) without Ray, as ``run_trial`` runs it
+    in a Tune worker of 1 CPU; the second's rows as reported, the seconds after the start at which each
+    was reported, its checkpoints' sizes and the trial's seconds."""
+    from newllm.search import trainable
+
+    space = load_space(space_path)
+    data = prepare_data(DataConfig(**space.data))
+    steps: list[dict] = []
+
+    def report(result: dict, checkpoint=None) -> None:
+        size = None if checkpoint is None else sum(p.stat().st_size for p in Path(checkpoint.path).rglob("*")
+                                                   if p.is_file())
+        steps.append({"at": time.perf_counter() - start, "row": reported_row(result), "checkpoint_bytes": size})
+
+    context = SimpleNamespace(get_node_id=lambda: "recorded", get_assigned_resources=lambda: {"CPU": 1})
+    trainable.ray = SimpleNamespace(get_runtime_context=lambda: context)
+    trainable.tune = SimpleNamespace(report=report, get_checkpoint=lambda: None, Checkpoint=tune.Checkpoint)
+    for _ in range(2):
+        steps.clear()
+        start = time.perf_counter()
+        trainable.run_trial(config, space, data)
+        seconds = time.perf_counter() - start
+    return {"config": config, "seconds": seconds, "steps": steps}
+
+
+def recording_of(space_path: str, path: str | None) -> dict:
+    """The recorded trial: read from ``path`` when it exists, else recorded (and kept at ``path``)."""
+    if path and os.path.exists(path):
+        return json.loads(Path(path).read_text())
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        recording = pool.submit(record_trial, space_path, RECORDED_CONFIG).result()
+    if path:
+        Path(path).write_text(json.dumps(recording))
+    return recording
+
+
+# ---- measurements in the driver
+
+class Timed:
+    """Wraps a function: each call's start (wall clock), seconds, the driver's CPU seconds so far, and
+    its result."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, []
+
+    def __call__(self, *args, **kwargs):
+        t0, start = time.time(), time.perf_counter()
+        result = self.function(*args, **kwargs)
+        self.calls.append((t0, time.perf_counter() - start, time.process_time(), result))
+        return result
+
+    def method(self):
+        timed = self
+
+        def call(*args, **kwargs):
+            return timed(*args, **kwargs)
+        return call
+
+
+def windows(values: list[float]) -> dict:
+    """The median of the first and of the last 10% of ``values`` (at least one each), and their ratio."""
+    if not values:
+        return {"n": 0, "first": None, "last": None, "last_over_first": None}
+    k = max(1, len(values) // 10)
+    first, last = statistics.median(values[:k]), statistics.median(values[-k:])
+    return {"n": len(values), "first": first, "last": last, "last_over_first": last / first if first > 0 else None}
+
+
+def read_timings(timings: str) -> list[dict]:
+    """Every trial's start and end, by start."""
+    rows = [json.loads(line) for f in Path(timings).glob("*.jsonl") for line in f.read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["start"])
+
+
+def slot_gaps(trials: list[dict], slots: int) -> list[float]:
+    """For each trial after the first ``slots`` (by start): its start minus the end of the trial whose
+    slot it took, the earliest end not yet taken."""
+    ends = sorted(t["end"] for t in trials)
+    gaps, taken = [], 0
+    for t in trials[slots:]:
+        if taken < len(ends) and ends[taken] <= t["start"]:
+            gaps.append(t["start"] - ends[taken])
+            taken += 1
+    return gaps
+
+
+def driver_cpu_per_trial(suggests: list[tuple], slots: int) -> dict:
+    """The driver's CPU seconds per trial made, over the first and the last 10% of trials (between
+    the suggest calls that made them), the first wave (``slots`` trials made at once) left out."""
+    cpu = [c for _, _, c, result in suggests if isinstance(result, dict)][slots - 1:]
+    k = max(1, len(cpu) // 10)
+    if len(cpu) < 2 * k + 1:
+        return {"first": None, "last": None, "last_over_first": None}
+    first, last = (cpu[k] - cpu[0]) / k, (cpu[-1] - cpu[-1 - k]) / k
+    return {"first": first, "last": last, "last_over_first": last / first if first > 0 else None}
+
+
+def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> dict:
+    """``run_search(run)`` with its suggest calls, compaction and pruning timed, then the summary and
+    report as the command makes them; every figure of one mode but the goals."""
+    suggest = Timed(KindSearch.suggest)
+    compaction = Timed(ParquetResults.on_experiment_end)
+    prune = Timed(algorithms.prune_checkpoints)
+    record_space(run.exp_dir, space)
+    record_floors(run.exp_dir, floors(data.train_ids, data.val_ids, data.vocab_size))
+    with mock.patch.object(KindSearch, "suggest", suggest.method()), \
+            mock.patch.object(ParquetResults, "on_experiment_end", compaction.method()), \
+            mock.patch.object(algorithms, "prune_checkpoints", prune):
+        t0 = time.time()
+        finished = run_search(run)
+        search_end = time.time()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli.print_summary(run.exp_dir, space)
+    summary_s = time.perf_counter() - t
+    t = time.perf_counter()
+    write_report(run.exp_dir, distributions=space.params)
+    report_s = time.perf_counter() - t
+
+    trials = read_timings(timings)
+    last_end = max(t["end"] for t in trials)
+    compute = sum(t["end"] - t["start"] for t in trials)
+    table, _ = load(run.exp_dir)
+    made = [s for s in suggest.calls if isinstance(s[3], dict)]
+    state = list(Path(run.exp_dir).glob("experiment_state-*.json"))
+    return {
+        "finished": finished, "trials": len(trials), "slots": slots,
+        "statuses": {k: int(v) for k, v in table.status.value_counts().items()},
+        "stopped_by_asha": int((table.get("phase2_stop_reason") == "scheduler").sum()),
+        "wall_s": search_end - t0, "compute_over_slots_s": compute / slots,
+        "trial_s_median": statistics.median(t["end"] - t["start"] for t in trials),
+        "first_start_s": trials[0]["start"] - t0, "trials_span_s": last_end - trials[0]["start"],
+        "per_trial_overhead_s": windows(slot_gaps(trials, slots)),
+        "driver_cpu_per_trial_s": driver_cpu_per_trial(suggest.calls, slots),
+        "suggest_s": windows([s[1] for s in made]),
+        "end_of_search": {"after_last_trial_s": search_end - last_end,
+                          "compaction_s": sum(c[1] for c in compaction.calls), "prune_s": sum(c[1] for c in prune.calls),
+                          "summary_s": summary_s, "report_s": report_s,
+                          "total_s": search_end - last_end + summary_s + report_s},
+        "tune_state_bytes": sum(p.stat().st_size for p in state),
+        "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mode(args, root: str) -> dict:
+    """One mode's search in ``root`` (this process its driver): its figures."""
+    space_path = f"{root}/tiny.yaml"
+    Path(space_path).write_text(TINY_SPACE)
+    space = load_space(space_path)
+    data = prepare_data(DataConfig(**space.data))
+    timings = f"{root}/timings"
+    os.makedirs(timings)
+    name = f"many-{args.mode}"
+    storage = f"{root}/results"
+    base = {"name": name, "storage_root": storage, "space": space, "data": data, "num_trials": args.trials,
+            "optuna_storage": optuna_storage(None, name, f"{storage}/{name}")}
+    if args.mode == "real":
+        slots = os.cpu_count()
+        print(f"real: {args.trials} trials of the tiny space on a local Ray of {slots} CPUs", flush=True)
+        ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
+        try:
+            trainable = tune.with_parameters(real_trial, space=space, data=data, timings=timings)
+            out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings)
+        finally:
+            ray.shutdown()
+        return {"mode": "real", **out}
+
+    from ray.cluster_utils import Cluster
+
+    recording = recording_of(space_path, args.recording)
+    slots = args.nodes * args.cpus_per_node
+    trial_s = recording["seconds"] * args.time_scale
+    print(f"replay: {args.trials} trials on {args.nodes} nodes x {args.cpus_per_node} CPUs ({slots} slots); the "
+          f"recorded trial: {len(recording['steps'])} rows in {recording['seconds']:.2f} s, replayed in "
+          f"{trial_s:.2f} s", flush=True)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "dashboard_agent_listen_port": free_port()})
+    try:
+        for _ in range(args.nodes):
+            cluster.add_node(num_cpus=args.cpus_per_node)  # (its agent on a port of its own)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        # (a SIGTERM, as from timeout, ends the driver through the finally below: the cluster goes with it)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        trainable = tune.with_parameters(replay_trial, recording=recording, metrics=space.metrics,
+                                         time_scale=args.time_scale, timings=timings)
+        out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    ideal = args.trials * trial_s / slots
+    return {"mode": "replay", "nodes": args.nodes, "cpus_per_node": args.cpus_per_node, "time_scale": args.time_scale,
+            "recorded_trial_s": recording["seconds"], "recorded_rows": len(recording["steps"]),
+            "ideal_s": ideal, **out, "wall_over_ideal": out["wall_s"] / ideal,
+            "span_over_ideal": out["trials_span_s"] / ideal}
+
+
+def goals(out: dict) -> dict:
+    """Which of the issue's goals the figures of one mode meet."""
+    met = {}
+    for name in ("per_trial_overhead_s", "driver_cpu_per_trial_s"):
+        ratio = out[name]["last_over_first"]
+        met[f"{name.removesuffix('_s')}_last_over_first_le_{GOALS['overhead_last_over_first']}"] = \
+            ratio is not None and ratio <= GOALS["overhead_last_over_first"]
+    if out["mode"] == "replay":
+        met[f"wall_over_ideal_le_{GOALS['wall_over_ideal']}"] = out["wall_over_ideal"] <= GOALS["wall_over_ideal"]
+        met[f"driver_rss_le_{GOALS['driver_rss_gib']}_gib"] = out["driver_peak_rss_bytes"] <= GOALS["driver_rss_gib"] * 2**30
+        met[f"tune_state_le_{GOALS['tune_state_mb']:g}_mb"] = out["tune_state_bytes"] <= GOALS["tune_state_mb"] * 1e6
+    return met
+
+
+def rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
+
+
+def print_figures(out: dict) -> None:
+    o, e = out, out["end_of_search"]
+    print(f"{o['mode']}: {o['trials']} trials on {o['slots']} slots in {o['wall_s']:.1f} s; trial compute / slots "
+          f"{o['compute_over_slots_s']:.1f} s" + (f"; ideal {o['ideal_s']:.1f} s (wall / ideal {o['wall_over_ideal']:.3f})"
+                                                  if "ideal_s" in o else ""))
+    for name in ("per_trial_overhead_s", "driver_cpu_per_trial_s", "suggest_s"):
+        w = o[name]
+        if w["first"] is not None:
+            print(f"  {name}: first 10% {w['first'] * 1e3:.1f} ms, last 10% {w['last'] * 1e3:.1f} ms"
+                  + (f" (last / first {w['last_over_first']:.2f})" if w["last_over_first"] is not None else ""))
+    print(f"  end of search {e['total_s']:.1f} s: {e['after_last_trial_s']:.1f} s from the last trial's end to "
+          f"run_search's return (compaction {e['compaction_s']:.1f} s, pruning {e['prune_s']:.1f} s), summary "
+          f"{e['summary_s']:.1f} s, report {e['report_s']:.1f} s")
+    print(f"  Tune state {o['tune_state_bytes'] / 1e6:.2f} MB; driver peak RSS {o['driver_peak_rss_bytes'] / 2**30:.2f} GiB; "
+          f"statuses {o['statuses']}; goals {o['goals']}", flush=True)
+
+
+def child(args, mode: str) -> dict:
+    """Run ``mode`` in a driver process of its own (its own peak RSS); its progress passes through."""
+    argv = [sys.executable, __file__, "--mode", mode, "--nodes", str(args.nodes), "--cpus-per-node",
+            str(args.cpus_per_node), "--time-scale", str(args.time_scale)]
+    argv += ["--trials", str(args.trials)] if args.trials else []
+    argv += ["--recording", args.recording] if args.recording else []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as p:
+        last = ""
+        for line in p.stdout:
+            sys.stdout.write(line)
+            last = line
+    if p.returncode:
+        raise SystemExit(f"{mode} failed (exit code {p.returncode})")
+    return json.loads(last)[mode]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("real", "replay", "both"), default="both")
+    p.add_argument("--trials", type=int, help=f"trials (default: {DEFAULT_TRIALS['real']:,} real, "
+                                              f"{DEFAULT_TRIALS['replay']:,} replay)")
+    p.add_argument("--nodes", type=int, default=4, help="replay: worker nodes (default: %(default)s)")
+    p.add_argument("--cpus-per-node", type=int, default=8, help="replay: logical CPUs of each (default: %(default)s)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="replay: multiplier on the recorded times")
+    p.add_argument("--recording", help="replay: the recorded trial's file (read if it exists, else written)")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    if args.mode == "both":
+        results = {mode: child(args, mode) for mode in ("real", "replay")}
+    else:
+        args.trials = args.trials or DEFAULT_TRIALS[args.mode]
+        with tempfile.TemporaryDirectory() as root:
+            out = run_mode(args, root)
+            shutil.rmtree(f"{root}/results", ignore_errors=True)
+        out["goals"] = goals(out)
+        print_figures(out)
+        results = {args.mode: rounded(out)}
+    print(json.dumps({"benchmark": "many_trials", **results,
+                      "goals_met": all(all(r["goals"].values()) for r in results.values()), "cpus": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()
