@@ -420,7 +420,7 @@ def test_a_kind_that_searches_nothing_gets_its_fixed_settings_and_a_study_trial(
     searcher = StudySearch(space={}, metric="objective", mode="min", study_name="s-lstm", storage=studies,
                            sampler=study_sampler(0), kind="lstm", learned_nothing=500.0)
     assert searcher.suggest("a") == {} and searcher.suggest("a") == {} and searcher.suggest("b") == {}
-    searcher.on_trial_complete("a", trainable.packed({"phase": "final", **ended("passed", 80.0, family="baseline",
+    searcher.on_trial_complete("a", packing.packed({"phase": "final", **ended("passed", 80.0, family="baseline",
                                                                                  objective=80.0)}, ["objective"]))
     (told, running) = optuna.load_study(study_name="s-lstm", storage=studies).trials
     assert told.user_attrs["trial_id"] == "a" and told.value == 80.0 and told.params == {}
