@@ -419,21 +419,15 @@ def ablation_pairs(trials: pd.DataFrame, iterations: pd.DataFrame) -> pd.DataFra
     if siblings.empty:
         return pd.DataFrame(columns=columns)
     runs = run_val_ppl(trials, iterations)
-    by_run = {(t, r): v for t, r, v in zip(runs["trial_id"], runs["replicate"], runs["val_ppl"])}
-    parents = trials.set_index("trial_id")
-    pairs = []
-    for sibling in siblings.itertuples():
-        parent_id = sibling.matched_trial_id
-        if parent_id not in parents.index:
-            continue
-        parent = parents.loc[parent_id]
-        for (trial_id, replicate), without in by_run.items():
-            if trial_id == sibling.trial_id and (parent_id, replicate) in by_run:
-                pairs.append((sibling.ablation, parent_id, sibling.trial_id, replicate, int(parent.seed) + replicate,
-                              f"{parent.architecture}, C = {int(parent.context_dim)}", by_run[parent_id, replicate],
-                              without))
-    return pd.DataFrame(pairs, columns=columns).sort_values(["ablation", "parent_id", "replicate"], kind="stable") \
-        .reset_index(drop=True)
+    # each sibling's runs beside its parent's run of the same replicate (seed): one join, not a scan
+    without = runs.merge(siblings[["trial_id", "ablation", "matched_trial_id"]], on="trial_id").rename(
+        columns={"trial_id": "sibling_id", "matched_trial_id": "parent_id", "val_ppl": "val_ppl_without"})
+    with_part = runs.rename(columns={"trial_id": "parent_id"})
+    parents = trials[["trial_id", "seed", "architecture", "context_dim"]].rename(columns={"trial_id": "parent_id"})
+    pairs = without.merge(with_part, on=["parent_id", "replicate"]).merge(parents, on="parent_id")
+    pairs = pairs.assign(seed=pairs["seed"].astype(int) + pairs["replicate"],
+                         configuration=pairs["architecture"] + ", C = " + pairs["context_dim"].astype(int).astype(str))
+    return pairs[columns].sort_values(["ablation", "parent_id", "replicate"], kind="stable").reset_index(drop=True)
 
 
 def ablation_effect(pairs: pd.DataFrame) -> stats.Interval:
