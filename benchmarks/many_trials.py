@@ -4,7 +4,7 @@ Does it hold up as trials pile up?
 
 Two modes, each in its own driver process (``--mode both`` runs them one after the other):
 
-- **real**: the tiny space (``TINY_SPACE``, trials of a few seconds; the gate passes every trial
+- **real**: the tiny space (``TINY_SPACE``, trials of about a second; the gate passes every trial
   that does not diverge) as ``python -m newllm.search --local`` runs it: a local Ray of this
   machine's CPUs, one trial per CPU, the Optuna study in its journal, ASHA; then the end-of-search
   summary and report;
@@ -67,7 +67,7 @@ import ray
 from ray import tune
 
 from newllm.analyze import write_report
-from newllm.data import DataConfig, prepare_data
+from newllm.data import DataConfig, builtin_documents, prepare_data
 from newllm.experiment import load
 from newllm.floors import floors, record_floors
 from newllm.search import algorithms, cli
@@ -78,28 +78,32 @@ from newllm.search.storage import optuna_storage
 from newllm.search.trainable import run_trial
 from newllm.space import load_space, record_space
 
-# tests/conftest.py's TINY_SPACE with the tiny search's gate (every trial that does not diverge passes)
+# the issue's tiny space: C and E of 8 or 16, 1-2 layers, 2 Phase 1 passes, 1 Phase 2 epoch, on a
+# corpus of TINY_DOCS builtin documents cut to TINY_CHARS characters (about 2,700 train tokens):
+# a trial of about a second on one CPU; the gate passes every trial that does not diverge
+TINY_DOCS, TINY_CHARS = 10, 500
 TINY_SPACE = """
 num_trials: 3
 params:
   context_dim: {type: categorical, choices: [8, 16]}
+  embed_dim: {type: categorical, choices: [8, 16]}
   num_layers: {type: int, low: 1, high: 2}
   dist_reg_weight: {type: float, low: 0.1, high: 0.8}
 fixed:
-  embed_dim: 8
-  phase1_max_iter: 4
+  phase1_max_iter: 2
   phase1_streams: 4
-  phase2_epochs: 2
+  phase2_epochs: 1
   phase2_lr: 0.001
   phase2_batch_size: 64
   gate_train_er: 0.0
   gate_val_er: 0.0
 data:
-  num_samples: 6
+  source: {corpus}
+  num_samples: 0
   vocab_size: 300
 """
-# the configuration of the recorded trial (the larger of the tiny space's models)
-RECORDED_CONFIG = {"context_dim": 16, "num_layers": 2, "dist_reg_weight": 0.45}
+# the configuration of the recorded trial (the largest of the tiny space's models)
+RECORDED_CONFIG = {"context_dim": 16, "embed_dim": 16, "num_layers": 2, "dist_reg_weight": 0.45}
 DEFAULT_TRIALS = {"real": 1_000, "replay": 10_000}
 GOALS = {"overhead_last_over_first": 1.2, "wall_over_ideal": 1.15, "driver_rss_gib": 2.0, "tune_state_mb": 100.0}
 
@@ -300,10 +304,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_tiny_space(root: str) -> str:
+    """The tiny space and its corpus (JSON lines) written under ``root``; the space's path."""
+    corpus = Path(root, "tiny.jsonl")
+    corpus.write_text("".join(json.dumps({"text": d[:TINY_CHARS]}) + "\n" for d in builtin_documents()[:TINY_DOCS]))
+    Path(root, "tiny.yaml").write_text(TINY_SPACE.replace("{corpus}", str(corpus)))
+    return f"{root}/tiny.yaml"
+
+
 def run_mode(args, root: str) -> dict:
     """One mode's search in ``root`` (this process its driver): its figures."""
-    space_path = f"{root}/tiny.yaml"
-    Path(space_path).write_text(TINY_SPACE)
+    space_path = write_tiny_space(root)
     space = load_space(space_path)
     data = prepare_data(DataConfig(**space.data))
     timings = f"{root}/timings"

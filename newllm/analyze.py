@@ -46,6 +46,7 @@ from newllm.trials import (
     baseline_trials,
     best_newllm_trial,
     curves,
+    drawn_points,
     fmt,
     gate_importance,
     gate_saving,
@@ -53,12 +54,12 @@ from newllm.trials import (
     interval_text,
     is_baseline,
     is_sibling,
+    newllm_front,
     newllm_trials,
     objective_importance,
     rebuild_study,
     size_label,
     sizes,
-    slice_sample,
     status_is,
     top_trials,
 )
@@ -350,6 +351,19 @@ def extras(trials: pd.DataFrame, floors: dict | None, baselines: str) -> str:
     return "".join(" " + p for p in parts)
 
 
+def drawn_text(drawn: int, of: int) -> str:
+    """How many markers a scatter draws of how many (``trials.drawn_points``)."""
+    return (f"{drawn:,} of the {of:,} (the {figures.MAX_POINTS // 10:,} of lowest val perplexity and a seeded "
+            "random draw of the others)")
+
+
+def markers_drawn(n: int, which: str) -> str:
+    """The end of the caption of a scatter of ``n`` ``which``, beyond ``figures.MAX_POINTS``: which it draws."""
+    if n <= figures.MAX_POINTS:
+        return ""
+    return f" Markers: {drawn_text(figures.MAX_POINTS, n)} {which}; a browser draws tens of thousands slowly."
+
+
 def history_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
     """The objective of each trial in the order finished, and the best so far."""
     return Section("Optimisation history", "Val perplexity of each passed trial in the order trials finished, and "
@@ -357,18 +371,22 @@ def history_section(trials: pd.DataFrame, floors: dict | None = None) -> Section
                    "in the lower panel." + extras(trials, floors, "Baselines (trained end to end, no gate): one "
                                                   "marker per architecture; the best so far is New-LLM's.")
                    + (" Ablation siblings (open circles) are measurements, not proposals: the best so far leaves "
-                      "them out." if is_sibling(trials).any() else ""),
+                      "them out." if is_sibling(trials).any() else "")
+                   + markers_drawn(len(trials), "trials; the best so far is of all of them"),
                    figures.history_figure(trials, floors))
 
 
 def pareto_section(trials: pd.DataFrame, floors: dict | None = None) -> Section:
     """Val perplexity against size: is a larger model worth it."""
+    dominated = int((~newllm_front(trials).front).sum())
     counted = ("non-embedding parameter count (every parameter but the embedding tables, nanoGPT's convention)"
                if size_label(trials) == "non-embedding parameters" else "parameter count")
     return Section("Perplexity against size", f"Val perplexity against {counted} of the passed trials; the "
                    "Pareto front (no other trial is both smaller and better) is joined." +
                    extras(trials, floors, "Baselines: one marker per architecture, its own front dotted; the "
-                          "front joined in green is New-LLM's."), figures.pareto_figure(trials, floors))
+                          "front joined in green is New-LLM's.") + markers_drawn(dominated, "dominated trials; "
+                                                                                 "the front is drawn whole"),
+                   figures.pareto_figure(trials, floors))
 
 
 def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
@@ -383,22 +401,16 @@ def importance_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDis
     return Section("Parameter importance", caption, figures.importance_figure(objective, gate))
 
 
-MAX_SLICE_TRIALS = 2000
-
-
 def slice_section(trials: pd.DataFrame, distributions: dict[str, od.BaseDistribution]) -> Section:
     """Optuna's slice plot of the passed New-LLM trials' val perplexity."""
     newllm = newllm_trials(trials)
     passed = newllm[status_is(newllm, "passed")]
-    # tens of thousands of markers would take a browser longer to draw than the rest of the report
-    drawn = slice_sample(passed, MAX_SLICE_TRIALS)
+    drawn = passed[drawn_points(passed["val_ppl"], figures.MAX_POINTS)]
     fig = optuna.visualization.plot_slice(rebuild_study(drawn, drawn["val_ppl"], distributions),
                                           target_name="val perplexity")
     fig.update_layout(title=None, margin=dict(t=30))
     fig.update_traces(marker=dict(size=9, line=dict(width=1, color="#555555")))  # the first trials are near white
-    which = "the passed trials" if len(drawn) == len(passed) else (
-        f"{len(drawn):,} of the {len(passed):,} passed trials (the {MAX_SLICE_TRIALS // 10:,} of lowest val "
-        "perplexity and a seeded random draw of the others)")
+    which = "the passed trials" if len(drawn) == len(passed) else f"{drawn_text(len(drawn), len(passed))} passed trials"
     return Section("Val perplexity against each parameter", f"Optuna's slice plot of {which}: each "
                    "parameter's value against the trial's val perplexity, darker = later trial.", fig)
 

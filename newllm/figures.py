@@ -32,9 +32,11 @@ from newllm.trials import (
     curve_density,
     curves,
     drawn_curves,
+    drawn_points,
     gate_table,
     history,
     is_baseline,
+    newllm_front,
     newllm_trials,
     pareto_front,
     size_label,
@@ -48,6 +50,7 @@ STATUS_COLORS = {"passed": "#2ca02c", "gate_failed": "#ff7f0e", "diverged": "#d6
 HEIGHT = 420
 MAX_CURVES = 40  # training curves drawn as lines; beyond, the best ones over a density of all
 MAX_BARS = 60    # trials drawn as bars of seconds; beyond, a histogram of the seconds per phase
+MAX_POINTS = 1000  # trials drawn as markers in a scatter; beyond, the best tenth and a random draw (drawn_points)
 # colour and marker symbol of each baseline architecture (any other: BASELINE_OTHER)
 BASELINE_STYLES = {"lstm": ("#9467bd", "triangle-up"), "gru": ("#8c564b", "square"),
                    "transformer": ("#17becf", "diamond")}
@@ -81,18 +84,22 @@ def hover_names(h: pd.DataFrame) -> pd.Series:
 def history_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure:
     """Objective of each passed trial, the New-LLM best so far (of the trials the search
     proposed), each ablation's siblings and each baseline architecture's passed trials as their
-    own markers and the floors (when known) as dashed lines; below, in
-    their own panel, the gate-failed, diverged and errored trials at the moment they finished."""
+    own markers and the floors (when known) as dashed lines; below, in their own panel, the
+    gate-failed, diverged and errored trials at the moment they finished. Beyond MAX_POINTS
+    trials, markers for those ``drawn_points`` draws; the best so far is of every trial."""
     h = history(trials)
+    n, rows = len(h), 2 if h.status.isin(PENALISED).any() else 1
+    # the best so far is a step line: the trials where it moves and the last one draw all of it
+    steps = h[(h.best.ne(h.best.shift()) & h.best.notna()) | (h.number == n)]
+    h = h[drawn_points(h.value, MAX_POINTS)]
     penalised = h[h.status.isin(PENALISED)]
-    rows = 2 if len(penalised) else 1
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22][:rows], vertical_spacing=0.05)
     ok = h[(h.status == "passed") & ~h.baseline & h.ablation.isna()]
     newllm = "New-LLM " if h.baseline.any() else ""
     fig.add_trace(go.Scatter(x=ok.number, y=ok.value, mode="markers", name=f"{newllm}passed trial",
                              marker=dict(color=STATUS_COLORS["passed"], size=9), text=ok.trial_id,
                              hovertemplate="trial %{x} (%{text})<br>val_ppl %{y:.4g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=h.number, y=h.best, mode="lines", line_shape="hv", name=f"{newllm}best so far",
+    fig.add_trace(go.Scatter(x=steps.number, y=steps.best, mode="lines", line_shape="hv", name=f"{newllm}best so far",
                              line=dict(color="black", width=1.5)), row=1, col=1)
     for ablation, siblings in h[(h.status == "passed") & h.ablation.notna()].groupby("ablation", sort=False):
         fig.add_trace(go.Scatter(x=siblings.number, y=siblings.value, mode="markers", name=f"{ablation} sibling",
@@ -121,7 +128,7 @@ def history_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figur
         fig.add_annotation(text="no gate-failed, diverged or errored trial", showarrow=False, xref="x domain",
                            yref="y domain", x=0, y=1.01, xanchor="left", yanchor="bottom")
     fig.update_yaxes(title_text="val perplexity", row=1, col=1)
-    fig.update_xaxes(title_text="trial (in the order finished)", dtick=max(1, math.ceil(len(h) / 10)), row=rows, col=1)
+    fig.update_xaxes(title_text="trial (in the order finished)", dtick=max(1, math.ceil(n / 10)), row=rows, col=1)
     fig.update_layout(height=HEIGHT + 60 * (rows - 1), margin=dict(t=30))
     return fig
 
@@ -153,11 +160,12 @@ def pareto_figure(trials: pd.DataFrame, floors: dict | None = None) -> go.Figure
     passed = trials.assign(size=sizes(trials))[status_is(trials, "passed")].dropna(subset=["val_ppl", "size"])
     word = size_label(trials)
     hover = f"%{{text}}<br>%{{x:,}} {word}<br>val_ppl %{{y:.4g}}<extra></extra>"
-    newllm = passed[~is_baseline(passed)]
-    front = pareto_front(newllm[["size", "val_ppl"]].to_numpy()) if len(newllm) else np.zeros(0, dtype=bool)
+    newllm = newllm_front(trials)
+    dominated = newllm[~newllm.front]
     fig = go.Figure()
-    for mask, name, color in ((~front, "dominated", "#aaaaaa"), (front, "Pareto front", STATUS_COLORS["passed"])):
-        sel = newllm[mask].sort_values("size")
+    for sel, name, color in ((dominated[drawn_points(dominated.val_ppl, MAX_POINTS)], "dominated", "#aaaaaa"),
+                             (newllm[newllm.front], "Pareto front", STATUS_COLORS["passed"])):
+        sel = sel.sort_values("size")
         fig.add_trace(go.Scatter(x=sel["size"], y=sel.val_ppl, mode="markers+lines" if name != "dominated"
                                  else "markers", name=name, text=sel.trial_id, line_shape="hv",
                                  marker=dict(color=color, size=9), hovertemplate=hover))

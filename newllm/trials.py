@@ -147,12 +147,14 @@ def rebuild_study(trials: pd.DataFrame, values: pd.Series,
         study = optuna.create_study(direction="minimize")
     finally:
         optuna.logging.set_verbosity(verbosity)
+    columns = [name for name in distributions if name in trials]
     frozen = []
-    for (_, row), value in zip(trials.iterrows(), values):
-        if pd.isna(value) or not math.isfinite(value):
+    # records, not iterrows: a Series per row costs seconds at ten thousand trials
+    for row, value in zip(trials[columns].to_dict("records"), values.astype(float)):
+        if not math.isfinite(value):
             continue
-        params = {name: _python(row[name]) for name in distributions if name in row and pd.notna(row[name])}
-        frozen.append(optuna.trial.create_trial(value=float(value), params=params,
+        params = {name: _python(v) for name, v in row.items() if pd.notna(v)}
+        frozen.append(optuna.trial.create_trial(value=value, params=params,
                                                 distributions={k: distributions[k] for k in params}))
     study.add_trials(frozen)
     return study
@@ -232,12 +234,30 @@ def gate_importance(trials: pd.DataFrame, distributions: dict[str, od.BaseDistri
 
 
 def pareto_front(points: np.ndarray) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of ``points`` (n x k, every column minimised): a
-    row is dominated when another is <= in every column and < in at least one."""
-    p = np.asarray(points, dtype=float)
-    no_worse = (p[None, :, :] <= p[:, None, :]).all(axis=2)   # [i, j]: j no worse than i everywhere
-    better = (p[None, :, :] < p[:, None, :]).any(axis=2)       # [i, j]: j better than i somewhere
-    return ~(no_worse & better).any(axis=1)
+    """Boolean mask of the non-dominated rows of ``points`` (n x 2, both columns minimised): a row
+    is dominated when another is <= in both columns and < in at least one. A sweep in x order,
+    n log n: the pairwise comparison took seconds and gigabytes at ten thousand trials."""
+    p = np.asarray(points, dtype=float).reshape(-1, 2)
+    x, y = p[:, 0], p[:, 1]
+    order = np.lexsort((y, x))                    # by x, then y
+    xs, ys = x[order], y[order]
+    new_x = np.r_[True, xs[1:] != xs[:-1]]        # the first row of each run of equal x
+    start = np.maximum.accumulate(np.where(new_x, np.arange(len(xs)), 0))
+    lowest_here = ys[start]                       # the lowest y at this x (sorted by y within x)
+    lowest_before = np.r_[np.inf, np.minimum.accumulate(ys)[:-1]][start]  # at any smaller x
+    # dominated: a smaller x with y <= this one, or this x with a smaller y
+    dominated = (lowest_before <= ys) | (lowest_here < ys)
+    front = np.empty(len(p), dtype=bool)
+    front[order] = ~dominated
+    return front
+
+
+def newllm_front(trials: pd.DataFrame) -> pd.DataFrame:
+    """The passed New-LLM trials with a val perplexity and a size, with columns ``size``
+    (``sizes``) and ``front`` (on the Pareto front of val perplexity against size)."""
+    newllm = newllm_trials(trials)
+    passed = newllm.assign(size=sizes(newllm))[status_is(newllm, "passed")].dropna(subset=["val_ppl", "size"])
+    return passed.assign(front=pareto_front(passed[["size", "val_ppl"]].to_numpy()))
 
 
 # --- gate map ----------------------------------------------------------------------------
@@ -306,15 +326,21 @@ def drawn_curves(trials: pd.DataFrame, trial_ids: list[str], most: int) -> list[
     return [t for t in trial_ids if t in kept]
 
 
-def slice_sample(passed: pd.DataFrame, most: int, seed: int = 0) -> pd.DataFrame:
-    """At most ``most`` of the ``passed`` trials, in their order: all of them, or the tenth of
-    ``most`` of lowest val perplexity and a seeded random draw of the others (what a slice plot
-    shows: its low end exactly, the rest as a fair sample)."""
-    if len(passed) <= most:
-        return passed
-    best = passed["val_ppl"].astype(float).nsmallest(most // 10).index
-    rest = passed.drop(best).sample(most - len(best), random_state=seed).index
-    return passed.loc[passed.index.isin(best.union(rest))]
+def drawn_points(values: pd.Series, most: int, seed: int = 0) -> np.ndarray:
+    """Which of ``values``' rows a figure draws as markers: all of them up to ``most``; beyond, the
+    tenth of ``most`` of lowest value and a seeded random draw of the others (NaN among them): the
+    low end exactly, the rest as a fair sample. Tens of thousands of markers take a browser longer
+    to draw than the whole rest of a report."""
+    drawn = np.ones(len(values), dtype=bool)
+    if len(values) <= most:
+        return drawn
+    v = values.astype(float).reset_index(drop=True)
+    best = v.nsmallest(most // 10).index.to_numpy()
+    others = np.setdiff1d(np.arange(len(v)), best)
+    rest = np.random.default_rng(seed).choice(others, size=most - len(best), replace=False)
+    drawn[:] = False
+    drawn[best], drawn[rest] = True, True
+    return drawn
 
 
 def curve_density(data: pd.DataFrame, column: str, bins: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from newllm.trials import (
     curve_density,
     curves,
     drawn_curves,
+    drawn_points,
     gate_importance,
     gate_saving,
     gate_table,
@@ -29,7 +30,6 @@ from newllm.trials import (
     infer_distributions,
     objective_importance,
     pareto_front,
-    slice_sample,
     top_trials,
     trial_status,
 )
@@ -128,6 +128,9 @@ def test_pareto_front_is_the_non_dominated_points():
     assert pareto_front(points).tolist() == [True, True, False, True, False, True, False, False, True]
     by_brute_force = [not any((q <= p).all() and (q < p).any() for q in points) for p in points]
     assert pareto_front(points).tolist() == by_brute_force
+    many = np.random.default_rng(0).integers(0, 30, size=(400, 2))  # many ties in both columns
+    assert pareto_front(many).tolist() == [not any((q <= p).all() and (q < p).any() for q in many) for p in many]
+    assert pareto_front(np.zeros((0, 2))).tolist() == []
     trials = make_trials(status=["passed", "passed", "passed", "gate_failed"], val_ppl=[60, 50, 70, 10],
                          num_params=[100, 200, 300, 50])
     fig = figures.pareto_figure(trials)
@@ -224,14 +227,39 @@ def test_many_trials_draw_the_best_curves_over_a_density_of_all():
     assert {t.type for t in seconds.data} == {"histogram"} and len(seconds.data[0].x) == n
 
 
-def test_a_slice_sample_keeps_the_best_and_draws_the_rest_fairly():
+def test_drawn_points_keep_the_best_and_draw_the_rest_fairly():
     trials = make_trials(val_ppl=np.random.default_rng(0).uniform(40, 100, 5000))
-    drawn = slice_sample(trials, 1000)
+    drawn = trials[drawn_points(trials.val_ppl, 1000)]
     assert len(drawn) == 1000 and drawn.index.is_monotonic_increasing
     assert set(trials.val_ppl.nsmallest(100).index) <= set(drawn.index)
     rest = drawn.drop(trials.val_ppl.nsmallest(100).index)
     assert 60 < rest.val_ppl.median() < 80  # the rest: a fair draw, not the next best
-    assert slice_sample(trials.iloc[:10], 1000).equals(trials.iloc[:10])
+    assert drawn_points(trials.val_ppl.iloc[:10], 1000).all()
+
+
+def test_a_large_search_draws_a_sample_of_markers_and_says_so():
+    n = 3 * figures.MAX_POINTS
+    rng = np.random.default_rng(1)
+    status = np.where(rng.random(n) < 0.2, "gate_failed", "passed")
+    trials = make_trials(status=status, val_ppl=rng.uniform(40, 100, n), num_params=rng.integers(100, 5000, n))
+    trials["objective"] = np.where(status == "passed", trials.val_ppl, 1e6)
+    fig = figures.history_figure(trials)
+    markers = [t for t in fig.data if t.mode == "markers"]
+    assert sum(len(t.x) for t in markers) == figures.MAX_POINTS
+    passed = trials.val_ppl.where(status == "passed")
+    assert passed.min() in next(t for t in markers if t.name == "passed trial").y  # the best is always drawn
+    best = next(t for t in fig.data if t.name == "best so far")
+    h = history(trials)
+    assert list(best.x)[-1] == n and len(best.x) < 50  # its steps and the last trial, not a point a trial
+    assert [h.best[h.number <= x].iloc[-1] for x in best.x] == list(best.y)
+    assert "Markers: 1,000 of the 3,000" in analyze.history_section(trials).caption
+
+    fig = figures.pareto_figure(trials)
+    dominated, front = fig.data
+    on_front = pareto_front(trials.loc[status == "passed", ["num_params", "val_ppl"]].to_numpy())
+    assert len(front.x) == on_front.sum() and len(dominated.x) == figures.MAX_POINTS
+    assert "the front is drawn whole" in analyze.pareto_section(trials).caption
+    assert "Markers" not in analyze.pareto_section(trials.iloc[:100]).caption
 
 
 def test_gate_saving_as_print_summary_estimates_it():
