@@ -56,12 +56,16 @@ def test_a_trial_keeps_its_metric_windows_and_checkpoints_where_lean_state_repla
 
     from newllm.search.algorithms import LatestCheckpoint, lean_state
 
-    trial = Trial("run_trial", stub=True)
+    trial = Trial("run_trial", stub=True, experiment_tag="7_x=1", evaluated_params={"x": 1})
     assert trial.run_metadata._n_steps == (5, 10)
+    assert trial.custom_dirname is None and trial._generate_dirname().startswith("run_trial_")
+    assert "7_x=1" in trial._generate_dirname()  # Tune's name: the tag, with the configuration
     manager = trial.run_metadata.checkpoint_manager
     assert isinstance(manager, _CheckpointManager) and manager.checkpoint_config == tune.CheckpointConfig()
     assert manager._latest_checkpoint_result is None and manager._checkpoint_results == []
     lean_state(trial)
     assert isinstance(trial.run_metadata.checkpoint_manager, LatestCheckpoint)
+    assert trial._generate_dirname() == f"run_trial_{trial.trial_id}" and trial.experiment_tag == "7"
+    assert trial.evaluated_params == {}
     trial.update_last_result({"objective": 1.0, "training_iteration": 1})
     assert set(trial.metric_analysis["objective"]) == {"max", "min", "avg", "last"}  # no last-5 and last-10 means

@@ -101,11 +101,10 @@ def finished_trial(i: int, storage: StorageContext, space: SearchSpace, reports:
 
 
 @pytest.mark.slow(seconds=10)
-def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path):
-    # the default search; a gpu_cluster trial, whose more settings Tune copies into its config (four
-    # times) and its directory name, takes about 9 KB
-    space = load_space(resolve_space("laptop"))
-    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="laptop")
+@pytest.mark.parametrize("space_name", ["laptop", "gpu_cluster"])  # the default; the most settings
+def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path, space_name):
+    space = load_space(resolve_space(space_name))
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name=space_name)
     rng = random.Random(0)
     reports = [(packing.packed(row, space.metrics), checkpoint) for row, checkpoint in rows(rng)]
     trials = [finished_trial(i, storage, space, reports, rng) for i in range(TRIALS)]
@@ -115,6 +114,8 @@ def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path):
     assert per_trial <= MAX_BYTES_PER_TRIAL, f"{per_trial:.0f} bytes per trial"
 
     last = trials[-1]
+    # its directory and tag name no configuration (Tune's would, in four places)
+    assert last.storage.trial_dir_name == f"run_trial_{last.trial_id}" and last.experiment_tag == str(TRIALS)
     # what a resumed search needs of a trial: its last row and its latest checkpoint
     assert packing.reported_row(last.last_result)["phase"] == "final"
     assert last.checkpoint.path.endswith(f"checkpoint_{PASSES + EPOCHS + 2:06d}")

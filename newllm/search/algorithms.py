@@ -365,7 +365,12 @@ class LatestCheckpoint(_CheckpointManager):
 
     def __getstate__(self) -> dict:
         latest = self._latest_checkpoint_result
-        return {"latest": latest and (latest.checkpoint.path, latest.checkpoint.filesystem, latest.metrics)}
+        if latest is None:
+            return {"latest": None}
+        # a local disk's file system is the one a path means (Tune's state keeps this pickled, in hex)
+        filesystem = latest.checkpoint.filesystem
+        local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+        return {"latest": (latest.checkpoint.path, None if local else filesystem, latest.metrics)}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
@@ -376,11 +381,17 @@ class LatestCheckpoint(_CheckpointManager):
 
 def lean_state(trial: Trial) -> Trial:
     """``trial`` with a small state in Tune's experiment state, which Tune rewrites whole every
-    few seconds: ``LatestCheckpoint`` for its checkpoints, and of each number it reports only
-    Tune's min, max, mean and last, not also the means of its last 5 and 10 values, whose
-    windows Tune keeps pickled (nothing in a search reads them)."""
+    few seconds: ``LatestCheckpoint`` for its checkpoints; of each number it reports only Tune's
+    min, max, mean and last, not also the means of its last 5 and 10 values, whose windows Tune
+    keeps pickled; its configuration not in its directory name (``run_trial_<trial id>``), its
+    tag (``<number>``) or a copy as its evaluated parameters (Tune keeps the name in four places,
+    the tag in two and the copy for its own progress table: nothing in a search reads them; the
+    configuration is in the trials table)."""
     trial.run_metadata._n_steps = ()
     trial.run_metadata.checkpoint_manager = LatestCheckpoint()
+    trial.custom_dirname = str(trial)
+    trial.experiment_tag = trial.experiment_tag.split("_", 1)[0]
+    trial.evaluated_params = {}
     return trial
 
 
