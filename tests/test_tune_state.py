@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import random
 from collections.abc import Iterator
 
@@ -125,3 +126,14 @@ def test_tunes_state_of_a_thousand_finished_trials_is_small(tmp_path, space_name
     assert restored.checkpoint.path == last.checkpoint.path
     assert restored.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics == {
         "training_iteration": PASSES + EPOCHS + 2, "time_total_s": pytest.approx(12.3456789 * (PASSES + EPOCHS + 2))}
+
+
+def test_a_latest_checkpoint_pickled_before_its_reduce_still_restores(tmp_path):
+    # a search begun by newllm before LatestCheckpoint.__reduce__ has its state as a dict
+    old = algorithms.LatestCheckpoint.__new__(algorithms.LatestCheckpoint)
+    old.__setstate__({"latest": (str(tmp_path / "checkpoint_000003"), None, {"training_iteration": 3})})
+    again = pickle.loads(pickle.dumps(old))
+    for manager in (old, again):
+        assert manager.latest_checkpoint_result.checkpoint.path == str(tmp_path / "checkpoint_000003")
+        assert manager.latest_checkpoint_result.metrics == {"training_iteration": 3}
+    assert pickle.loads(pickle.dumps(algorithms.LatestCheckpoint())).latest_checkpoint_result is None

@@ -363,20 +363,31 @@ class LatestCheckpoint(_CheckpointManager):
                                  {k: metrics[k] for k in (TRAINING_ITERATION, TIME_TOTAL_S) if k in metrics})
         self._latest_checkpoint_result, self._checkpoint_results = latest, [latest]
 
-    def __getstate__(self) -> dict:
+    def __reduce__(self):
+        # Tune's state keeps this pickled, in hex: the fewest bytes that remake it (a local disk's
+        # file system is the one its path means)
         latest = self._latest_checkpoint_result
         if latest is None:
-            return {"latest": None}
-        # a local disk's file system is the one a path means (Tune's state keeps this pickled, in hex)
+            return LatestCheckpoint, ()
         filesystem = latest.checkpoint.filesystem
         local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
-        return {"latest": (latest.checkpoint.path, None if local else filesystem, latest.metrics)}
+        return latest_checkpoint, (latest.checkpoint.path, None if local else filesystem,
+                                   *(latest.metrics.get(k) for k in (TRAINING_ITERATION, TIME_TOTAL_S)))
 
     def __setstate__(self, state: dict) -> None:
+        # (the state of a search that began before __reduce__)
         self.__init__()
         if state["latest"] is not None:
             path, filesystem, metrics = state["latest"]
             self.register_checkpoint(_TrainingResult(tune.Checkpoint(path, filesystem), metrics))
+
+
+def latest_checkpoint(path: str, filesystem, iteration: int | None, seconds: float | None) -> LatestCheckpoint:
+    """A ``LatestCheckpoint`` as its pickle (``LatestCheckpoint.__reduce__``) remakes it."""
+    manager = LatestCheckpoint()
+    metrics = {k: v for k, v in ((TRAINING_ITERATION, iteration), (TIME_TOTAL_S, seconds)) if v is not None}
+    manager.register_checkpoint(_TrainingResult(tune.Checkpoint(path, filesystem), metrics))
+    return manager
 
 
 def lean_state(trial: Trial) -> Trial:
