@@ -69,3 +69,13 @@ def test_a_trial_keeps_its_metric_windows_and_checkpoints_where_lean_state_repla
     assert trial.evaluated_params == {}
     trial.update_last_result({"objective": 1.0, "training_iteration": 1})
     assert set(trial.metric_analysis["objective"]) == {"max", "min", "avg", "last"}  # no last-5 and last-10 means
+
+
+def test_a_scheduler_may_ask_tunes_controller_for_its_live_trials():
+    # KindScheduler.choose_trial_to_run looks for the next trial among them (not every trial made)
+    import inspect
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    assert '"get_live_trials"' in inspect.getsource(TuneController._wrapped)  # allowed to schedulers
+    assert "Set of non-terminated trials" in inspect.getsource(TuneController.__init__)

@@ -310,3 +310,38 @@ def test_a_report_gives_tune_as_numbers_only_what_the_scheduler_and_searcher_rea
         trial = Trial("run_trial", stub=True)
         trial.update_last_result(dict(result))  # as Tune takes a result
         assert set(trial.metric_analysis) == read & row.keys(), row["phase"]
+
+
+def test_the_next_trial_is_the_first_pending_one_made_looked_for_among_the_live_trials_only():
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from newllm.space import parse_space
+
+    space = parse_space(STOP_SPACE, "stop.yaml")
+    fifo = algorithms.scheduler("none", space)
+    assert isinstance(fifo, algorithms.KindScheduler) and type(fifo.schedulers["newllm"]) is FIFOScheduler
+    trials = [Trial("run_trial", stub=True, config={}) for _ in range(6)]
+    live = set(trials)
+
+    class Controller:  # what Tune hands a scheduler: it may scan get_trials(), which holds every trial made
+        def get_live_trials(self):
+            return live
+
+        def get_trials(self):
+            raise AssertionError("scanned every trial made")
+
+    controller = Controller()
+    for trial in trials:
+        fifo.on_trial_add(controller, trial)
+    assert fifo.choose_trial_to_run(controller) is trials[0]  # all pending: the first made
+    for t, status in zip(trials, ["TERMINATED", "RUNNING", "PAUSED", "RUNNING", "PENDING", "PENDING"]):
+        t.set_status(status)
+    live.discard(trials[0])
+    fifo.on_trial_complete(controller, trials[0], {})
+    assert fifo.choose_trial_to_run(controller) is trials[4]
+    trials[4].set_status("RUNNING"), trials[5].set_status("RUNNING")
+    assert fifo.choose_trial_to_run(controller) is trials[2]  # no pending one: the first paused one
+    trials[2].set_status("RUNNING")
+    assert fifo.choose_trial_to_run(controller) is None
+    assert fifo.on_trial_result(controller, trials[1], {"phase2_epoch": 1, "objective": 5.0}) == TrialScheduler.CONTINUE
