@@ -344,3 +344,23 @@ def test_the_progress_line_best_is_a_proposed_trials_never_a_siblings(capsys):
             {"phase": "final", "status": "passed", "objective": objective, "family": "newllm"}, ["objective"]))
         progress.on_trial_complete(0, [], trial)
     assert capsys.readouterr().out.splitlines()[-1].endswith("2/3 finished (2 passed) | best val_ppl 50.00 (p)")
+
+
+def test_pruning_keeps_each_finished_trials_first_and_latest_checkpoints(tmp_path):
+    from newllm.search.storage import prune_checkpoints
+
+    exp = tmp_path / "exp"
+    rows = []
+    for t in range(40):
+        for c in range(1, 2 + t % 4):  # 1 to 4 checkpoints
+            (exp / f"run_trial_{t:08x}" / f"checkpoint_{c:06d}").mkdir(parents=True)
+        rows.append({"trial_id": f"{t:08x}", "checkpoint_path": f"run_trial_{t:08x}/checkpoint_{1 + t % 4:06d}"})
+    (exp / "run_trial_unfinished" / "checkpoint_000001").mkdir(parents=True)
+    (exp / "run_trial_unfinished" / "checkpoint_000002").mkdir()
+    (exp / newllm.experiment.TRIALS_FILE).mkdir()
+    pd.DataFrame(rows).to_parquet(exp / newllm.experiment.TRIALS_FILE / "part-000001.parquet", index=False)
+    assert prune_checkpoints(str(exp)) == sum(max(0, t % 4 - 1) for t in range(40))
+    for t in range(40):
+        kept = sorted(p.name for p in (exp / f"run_trial_{t:08x}").iterdir())
+        assert kept == sorted({"checkpoint_000001", f"checkpoint_{1 + t % 4:06d}"})
+    assert len(list((exp / "run_trial_unfinished").iterdir())) == 2  # a resume may start from either

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -210,6 +211,9 @@ def fail_left_running(storage: optuna.storages.BaseStorage, name: str) -> None:
         storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
 
 
+PRUNE_THREADS = 16  # trials pruned at once: on object storage each listing and deletion is a round trip
+
+
 def prune_checkpoints(exp_dir: str) -> int:
     """Delete the checkpoints of finished trials except their first (after Phase 1) and their
     latest (the trials table's ``checkpoint_path``); return how many. Unfinished trials (an
@@ -218,14 +222,19 @@ def prune_checkpoints(exp_dir: str) -> int:
         trials, _ = load(exp_dir)
     except FileNotFoundError:
         return 0
-    deleted = 0
-    for path in trials.checkpoint_path.dropna():
-        fs, latest = filesystem(checkpoint_dir(exp_dir, path))
-        parent = latest.rsplit("/", 1)[0]
-        checkpoints = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
-                             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-        for c in checkpoints[1:]:
-            if c != latest:
-                fs.delete_dir(c)
-                deleted += 1
-    return deleted
+    # a trial's latest checkpoint is its last row's (one thread a trial directory)
+    latest = {path.rsplit("/", 1)[0]: path for path in trials.checkpoint_path.dropna()}
+    with ThreadPoolExecutor(PRUNE_THREADS) as pool:
+        return sum(pool.map(lambda path: prune_trial(checkpoint_dir(exp_dir, path)), latest.values()))
+
+
+def prune_trial(latest_checkpoint: str) -> int:
+    """Delete the checkpoints beside ``latest_checkpoint`` but it and the first; return how many."""
+    fs, latest = filesystem(latest_checkpoint)
+    parent = latest.rsplit("/", 1)[0]
+    checkpoints = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+                         if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    deleted = [c for c in checkpoints[1:] if c != latest]
+    for c in deleted:
+        fs.delete_dir(c)
+    return len(deleted)
