@@ -478,7 +478,7 @@ class KindScheduler(FIFOScheduler):
     def __init__(self, schedulers: dict[str, FIFOScheduler]):
         super().__init__()
         self.schedulers = schedulers
-        self.order: dict[Trial, int] = {}  # each trial's place in the order Tune made (or restored) them
+        self.order: dict[str, int] = {}  # each trial id's place in the order Tune made (or restored) them
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         """Tune's FIFO choice, the first pending trial, else the first paused one, in the order
@@ -487,7 +487,7 @@ class KindScheduler(FIFOScheduler):
         for status in (Trial.PENDING, Trial.PAUSED):
             waiting = [t for t in tune_controller.get_live_trials() if t.status == status]
             if waiting:
-                return min(waiting, key=lambda t: self.order.get(t, len(self.order)))
+                return min(waiting, key=lambda t: self.order.get(t.trial_id, len(self.order)))
         return None
 
     def of(self, trial) -> FIFOScheduler:
@@ -497,7 +497,7 @@ class KindScheduler(FIFOScheduler):
         return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers.values()])
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self.order.setdefault(trial, len(self.order))
+        self.order.setdefault(trial.trial_id, len(self.order))
         self.of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial) -> None:
@@ -511,11 +511,11 @@ class KindScheduler(FIFOScheduler):
         return self.CONTINUE if result.get("phase2_last_epoch") else action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self.order.pop(trial, None)
+        self.order.pop(trial.trial_id, None)
         self.of(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self.order.pop(trial, None)
+        self.order.pop(trial.trial_id, None)
         self.of(trial).on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
