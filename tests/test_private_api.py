@@ -79,3 +79,22 @@ def test_a_scheduler_may_ask_tunes_controller_for_its_live_trials():
 
     assert '"get_live_trials"' in inspect.getsource(TuneController._wrapped)  # allowed to schedulers
     assert "Set of non-terminated trials" in inspect.getsource(TuneController.__init__)
+
+
+def test_tpe_samples_through_sample_and_reads_its_trials_with_get_trials():
+    # WindowedTPESampler overrides TPESampler._sample and hands it a study whose _get_trials gives
+    # the window: on a version where TPE reads its trials otherwise, the window would be ignored
+    import inspect
+
+    from newllm.search.algorithms import TPE_BEST, TPE_WINDOW, WindowedTPESampler, study_sampler
+
+    assert list(inspect.signature(optuna.samplers.TPESampler._sample).parameters) == ["self", "study", "trial",
+                                                                                      "search_space"]
+    study, x = optuna.create_study(sampler=study_sampler(0)), FloatDistribution(0.0, 1.0)
+    study.add_trials([optuna.trial.create_trial(value=float(i), params={"x": i / 1000}, distributions={"x": x})
+                      for i in range(TPE_WINDOW + TPE_BEST + 10)])
+    read = []
+    window = WindowedTPESampler.window
+    study.sampler.window = lambda trials, sign: read.append(window(study.sampler, trials, sign)) or read[-1]
+    study.ask({"x": x})
+    assert len(read) == 1 and len(read[0]) == TPE_WINDOW + TPE_BEST + 1  # (and the trial asked, running)

@@ -425,3 +425,52 @@ def test_a_kind_that_searches_nothing_gets_its_fixed_settings_and_a_study_trial(
     (told, running) = optuna.load_study(study_name="s-lstm", storage=studies).trials
     assert told.user_attrs["trial_id"] == "a" and told.value == 80.0 and told.params == {}
     assert running.user_attrs["trial_id"] == "b" and running.state == optuna.trial.TrialState.RUNNING
+
+
+def test_the_studies_tpe_reads_the_best_and_the_latest_trials_and_splits_them_as_plain_tpe_does():
+    """The windowed sampler's good group is plain TPE's, whatever mix of completed, pruned,
+    infeasible, running and failed trials the study has, as the window moves on; it reads at most
+    TPE_WINDOW + TPE_BEST finished trials."""
+    import random
+
+    from optuna.samplers._tpe.sampler import _split_trials
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+
+    from newllm.search.algorithms import TPE_BEST, TPE_WINDOW, study_sampler
+
+    x = optuna.distributions.FloatDistribution(0.0, 1.0)
+    study, rng = optuna.create_study(sampler=study_sampler(0)), random.Random(0)
+    running: list[optuna.trial.Trial] = []
+    for chunk in range(8):
+        for _ in range(120):
+            kind = rng.random()
+            if kind < 0.04:
+                running.append(study.ask({"x": x}))  # left running across chunks, some among the best later
+                continue
+            violation = rng.uniform(0.01, 1.0) if kind < 0.3 else -1.0
+            if kind < 0.5:
+                steps = {s: rng.uniform(1.0, 9.0) for s in range(1, rng.randint(1, 4))}
+                trial = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"x": rng.random()},
+                                                  distributions={"x": x}, intermediate_values=steps,
+                                                  system_attrs={_CONSTRAINTS_KEY: [violation]})
+            else:
+                trial = optuna.trial.create_trial(value=rng.uniform(1.0, 9.0), params={"x": rng.random()},
+                                                  distributions={"x": x}, system_attrs={_CONSTRAINTS_KEY: [violation]})
+            study.add_trial(trial)
+        for t in running[:2]:  # old running trials end: one of the best, one failed
+            study._storage.set_trial_system_attr(t._trial_id, _CONSTRAINTS_KEY, [-1.0])
+            study.tell(t, 0.5 + chunk * 0.01) if chunk % 2 else study.tell(t, state=optuna.trial.TrialState.FAIL)
+        running = running[2:]
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        trials = study._get_trials(deepcopy=False, states=states, use_cache=False)
+        read = study.sampler.window(trials, 1.0)
+        fresh = study_sampler(0).window(trials, 1.0)  # one that ranks every older trial now
+        assert [t.number for t in read] == [t.number for t in fresh]
+        finished = [t for t in trials if t.state != optuna.trial.TrialState.RUNNING]
+        assert {t.number for t in finished[-TPE_WINDOW:]} | {t.number for t in running} <= {t.number for t in read}
+        assert sum(t.state != optuna.trial.TrialState.RUNNING for t in read) <= TPE_WINDOW + TPE_BEST
+        below, _ = _split_trials(study, trials, TPE_BEST)
+        read_below, _ = _split_trials(study, read, TPE_BEST)
+        assert [t.number for t in read_below] == [t.number for t in below]
+    assert len(finished) > 3 * TPE_WINDOW
+    study.ask({"x": x})  # the sampler's own path reads the window (test_private_api pins how)
