@@ -103,6 +103,10 @@ def test_wheel_runs_the_laptop_search_outside_the_checkout(tmp_path, ray_env):
     assert f"1 trials of {space}" in search.stdout
     # Tune's own console table and TensorBoard hint would repeat what the search said, and name its classes
     assert "Configuration for experiment" not in search.stdout and "tensorboard" not in search.stdout.lower()
+    # nor its per-trial logs, which the iterations table holds, nor its warning that its result grid misses them
+    assert "Failed to fetch metrics" not in search.stderr + search.stdout
+    assert not [p.name for p in (tmp_path / "res" / "wheel").rglob("*") if p.name in ("result.json", "progress.csv")
+                or p.name.startswith("events.out.tfevents")]
     trials, iterations = experiment.load(tmp_path / "res" / "wheel")
     assert len(trials) == 1 and set(iterations.trial_id) == set(trials.trial_id)
 

@@ -835,38 +835,47 @@ def run_search(run: SearchRun) -> bool:
     return finished
 
 
-class TrialFailureFilter(logging.Filter):
-    """Drops Tune's traceback of each failed trial: Progress prints one line for it, which names
-    the trial's error.txt, where the traceback is kept."""
+class DropLines(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Trial task failed")
+        return not record.getMessage().startswith(self.prefix)
 
 
 # what run_search sets in the environment while Tune runs: Tune's older console output (which is
 # silent at verbose=0), and none of Tune's own per-trial loggers (result.json, progress.csv,
-# TensorBoard events): they repeat the iterations table, cost the driver a tenth of its CPU
-# and leave three files in every trial's directory
+# TensorBoard events): they repeat the iterations table, and cost the driver more per trial the
+# more trials there are
 TUNE_ENVIRONMENT = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's console lines that newllm says better: its interruption lines name its Python API
-    (main prints the command that resumes), a failed trial's traceback is one line, and its
-    configuration table and TensorBoard hint (which Tune's newer console output prints whatever
-    ``verbose`` says) repeat what the search printed. Sets ``TUNE_ENVIRONMENT`` meanwhile."""
-    tune_log, controller_log = logging.getLogger("ray.tune.tune"), logging.getLogger("ray.tune.execution.tune_controller")
-    level, failures = tune_log.level, TrialFailureFilter()
+    (main prints the command that resumes), a failed trial's traceback is one line (Progress
+    prints it, naming the trial's error.txt, where the traceback is kept), and its configuration
+    table and TensorBoard hint (which Tune's newer console output prints whatever ``verbose``
+    says) repeat what the search printed. Sets ``TUNE_ENVIRONMENT`` meanwhile, so its result
+    grid finds no trial's result.json: that line goes too."""
+    quieted = {logging.getLogger("ray.tune.execution.tune_controller"): DropLines("Trial task failed"),
+               logging.getLogger("ray.tune.analysis.experiment_analysis"): DropLines("Failed to fetch metrics")}
+    tune_log = logging.getLogger("ray.tune.tune")
+    level = tune_log.level
     saved = {name: os.environ.get(name) for name in TUNE_ENVIRONMENT}
     os.environ.update(TUNE_ENVIRONMENT)
     tune_log.setLevel(logging.CRITICAL)
-    controller_log.addFilter(failures)
+    for log, drop in quieted.items():
+        log.addFilter(drop)
     try:
         yield
     finally:
         tune_log.setLevel(level)
-        controller_log.removeFilter(failures)
+        for log, drop in quieted.items():
+            log.removeFilter(drop)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
