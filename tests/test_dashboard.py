@@ -19,8 +19,11 @@ from test_analyze import chromium
 from newllm import experiment
 
 # the history plot (optuna-dashboard 0.21's element id) once plotly has drawn it: its y range and traces
+# the history plot's y range and traces, once it has drawn a trial (it is drawn empty first, on the
+# default range [-1, 6], while the trials load)
 HISTORY = ("const p = document.getElementById('plot-history');"
-           "return p && p._fullLayout && p.data ? [p._fullLayout.yaxis.range, p.data.map(t => [t.name, t.y])] : null;")
+           "return p && p._fullLayout && p.data && p.data.some(t => t.y && t.y.length)"
+           " ? [p._fullLayout.yaxis.range, p.data.map(t => [t.name, t.y])] : null;")
 
 
 def dashboard_command() -> str:
