@@ -862,7 +862,10 @@ def quiet_tune():
     says) repeat what the search printed. Sets ``TUNE_ENVIRONMENT`` meanwhile, so its result
     grid finds no trial's result.json: that line goes too."""
     quieted = {logging.getLogger("ray.tune.execution.tune_controller"): DropLines("Trial task failed"),
-               logging.getLogger("ray.tune.analysis.experiment_analysis"): DropLines("Failed to fetch metrics")}
+               logging.getLogger("ray.tune.analysis.experiment_analysis"): DropLines("Failed to fetch metrics"),
+               # a traceback per failed upload of Tune's state: Tune tries again at its next save, and
+               # a lasting failure (a full disk) ends the search at newllm's next write, in one line
+               logging.getLogger("ray.train._internal.syncer"): DropLines("Last sync command failed")}
     tune_log = logging.getLogger("ray.tune.tune")
     level = tune_log.level
     saved = {name: os.environ.get(name) for name in TUNE_ENVIRONMENT}
