@@ -95,6 +95,6 @@ def test_tpe_samples_through_sample_and_reads_its_trials_with_get_trials():
                       for i in range(TPE_WINDOW + TPE_BEST + 10)])
     read = []
     window = WindowedTPESampler.window
-    study.sampler.window = lambda trials, sign: read.append(window(study.sampler, trials, sign)) or read[-1]
+    study.sampler.window = lambda trials, s: read.append(window(study.sampler, trials, s)) or read[-1]
     study.ask({"x": x})
     assert len(read) == 1 and len(read[0]) == TPE_WINDOW + TPE_BEST + 1  # (and the trial asked, running)

@@ -463,8 +463,8 @@ def test_the_studies_tpe_reads_the_best_and_the_latest_trials_and_splits_them_as
         running = running[2:]
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
         trials = study._get_trials(deepcopy=False, states=states, use_cache=False)
-        read = study.sampler.window(trials, 1.0)
-        fresh = study_sampler(0).window(trials, 1.0)  # one that ranks every older trial now
+        read = study.sampler.window(trials, study)
+        fresh = study_sampler(0).window(trials, study)  # one that ranks every older trial now
         assert [t.number for t in read] == [t.number for t in fresh]
         finished = [t for t in trials if t.state != optuna.trial.TrialState.RUNNING]
         assert {t.number for t in finished[-TPE_WINDOW:]} | {t.number for t in running} <= {t.number for t in read}
