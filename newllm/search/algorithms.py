@@ -258,8 +258,9 @@ class StudySearch(OptunaSearch):
         ended = None if error or not result else outcome(result)
         if not self._finished_in_study(trial_id):
             if ended is None:  # an error, or a trial Tune removed before it reported: Ray's own telling
-                return super().on_trial_complete(trial_id, result, error)
-            self._tell(trial_id, result, ended)
+                super().on_trial_complete(trial_id, result, error)
+            else:
+                self._tell(trial_id, result, ended)
         elif ended is not None and self._state(trial_id) == optuna.trial.TrialState.FAIL:
             ot_trial = self._ot_trials[trial_id]
             state, values, attrs = self._told(trial_id, result, ended)
@@ -270,6 +271,9 @@ class StudySearch(OptunaSearch):
                 intermediate_values=earlier, user_attrs=attrs,
                 system_attrs={_CONSTRAINTS_KEY: list(attrs["constraints"].values())}))
         self._completed_trials.add(trial_id)
+        # its Optuna trial is the study's now: the searcher, which Tune saves every few seconds,
+        # keeps only the running ones
+        self._ot_trials.pop(trial_id, None)
 
     def _state(self, trial_id: str) -> optuna.trial.TrialState | None:
         try:
@@ -310,11 +314,24 @@ class StudySearch(OptunaSearch):
 
     def bind(self, storage) -> None:
         """Use ``storage``, the study's storage where the experiment is now, for the study and
-        for the Optuna trials of the running Tune trials (a restored searcher still points at
-        the storage of the experiment's first place)."""
+        for the Optuna trials of the running Tune trials (a restored searcher of a stored study
+        has neither: ``__getstate__``)."""
         self._storage = storage
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._sampler)
-        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t if isinstance(t, int) else t._trial_id)
+                           for tid, t in self._ot_trials.items()}
+
+    def __getstate__(self) -> dict:
+        """What Tune saves of this searcher every few seconds. Of a study in a storage (a journal,
+        an RDB), which ``bind`` opens again at a resume: not the study and its storage (Optuna's
+        journal pickles an offset per record it has read), and of each running trial only its
+        Optuna trial's id, so that the state stays the same size as trials finish. An in-memory
+        study is kept whole: nothing else holds it."""
+        state = self.__dict__.copy()
+        if self._storage is not None and not isinstance(self._storage, optuna.storages.InMemoryStorage):
+            state.update(_storage=None, _ot_study=None,
+                         _ot_trials={tid: t._trial_id for tid, t in self._ot_trials.items()})
+        return state
 
 
 def sibling_kind(ablation: str) -> str:
@@ -410,8 +427,9 @@ class KindSearch(Searcher):
             searcher.bind(storage)
 
     def save(self, checkpoint_path: str) -> None:
+        # (not the storage: ``restore`` keeps the one this searcher is bound to)
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+            pickle.dump({**self.__dict__, "storage": None}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         """The state saved by ``save``, with the storage this searcher was bound to kept."""
