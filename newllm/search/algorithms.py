@@ -14,6 +14,7 @@ import copy
 import heapq
 import io
 import logging
+import operator
 import os
 import pickle
 import re
@@ -128,31 +129,32 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         return super()._sample(study, trial, search_space)
 
     def window(self, trials: list[optuna.trial.FrozenTrial], study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-        """Of ``trials`` (by number), those this sampler reads."""
+        """Of ``trials`` (by number), those this sampler reads. The older ones it keeps are found by
+        bisection, not by a pass over them all."""
         finished, start = 0, len(trials)
         while start > 0 and finished < TPE_WINDOW:
             start -= 1
             finished += trials[start].state != optuna.trial.TrialState.RUNNING
         if start == 0:
             return trials
-        numbers = [t.number for t in trials[:start]]
-        by_number = dict(zip(numbers, trials[:start]))  # (only the few running ones and the new ones are looked up)
-        first_new = bisect.bisect_left(numbers, self._ranked_below)
-        candidates = [*self._running_old, *numbers[first_new:]]
+        by_number = operator.attrgetter("number")
+
+        def old(number: int) -> optuna.trial.FrozenTrial | None:  # (None: failed since, which TPE never reads)
+            i = bisect.bisect_left(trials, number, hi=start, key=by_number)
+            return trials[i] if i < start and trials[i].number == number else None
+
+        first_new = bisect.bisect_left(trials, self._ranked_below, hi=start, key=by_number)
+        candidates = [*map(old, self._running_old), *trials[first_new:start]]
         self._running_old = set()
-        for number in candidates:
-            t = by_number.get(number)
-            if t is None:
-                continue  # failed since: TPE reads no failed trial
+        for t in filter(None, candidates):
             if t.state == optuna.trial.TrialState.RUNNING:
-                self._running_old.add(number)
+                self._running_old.add(t.number)
             else:
-                self._best_old.append((tpe_order(t, study), number))
+                self._best_old.append((tpe_order(t, study), t.number))
         self._best_old = heapq.nsmallest(TPE_BEST, self._best_old)
-        self._ranked_below = max(self._ranked_below, numbers[-1] + 1)
-        old = [by_number[n] for _, n in self._best_old if n in by_number] + \
-              [by_number[n] for n in self._running_old]
-        return sorted(old, key=lambda t: t.number) + trials[start:]
+        self._ranked_below = max(self._ranked_below, trials[start - 1].number + 1)
+        kept = filter(None, map(old, [*(n for _, n in self._best_old), *self._running_old]))
+        return sorted(kept, key=by_number) + trials[start:]
 
 
 class StudyWindow:
@@ -166,7 +168,10 @@ class StudyWindow:
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool, states, use_cache: bool) -> list[optuna.trial.FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        # the trials as the study's ask read them when it made this trial (its cache, renewed at
+        # every ask; TPE's constant liar rereads the storage for trials started since, but in one
+        # driver none are), not one more pass over the storage's every trial
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=True)
         return self._sampler.window(trials, self._study)
 
 
@@ -179,6 +184,10 @@ def study_sampler(seed: int) -> optuna.samplers.TPESampler:
         warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
         return WindowedTPESampler(seed=seed, multivariate=True, constant_liar=True,
                                   constraints_func=recorded_constraints)
+
+
+# the user attributes a study's trial gets when it is asked (the rest when it is told)
+ASKED_ATTRS = ("trial_id", "kind")
 
 
 class StudySearch(OptunaSearch):
@@ -229,9 +238,8 @@ class StudySearch(OptunaSearch):
                 self._ot_trials[trial_id] = self._ot_study.ask()
             config = {}
         if not asked:
-            ot_trial = self._ot_trials[trial_id]
-            ot_trial.set_user_attr("trial_id", trial_id)
-            ot_trial.set_user_attr("kind", self.kind)
+            for key, value in zip(ASKED_ATTRS, (trial_id, self.kind)):
+                self._ot_trials[trial_id].set_user_attr(key, value)
         return config
 
     # both hooks read the row a result packs (``packing.reported_row``), nested as the trainable
@@ -285,7 +293,8 @@ class StudySearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         state, values, attrs = self._told(trial_id, result, ended)
         for key, value in attrs.items():  # before the tell, when the sampler reads the constraints
-            ot_trial.set_user_attr(key, value)
+            if key not in ASKED_ATTRS:  # (a record each in the journal)
+                ot_trial.set_user_attr(key, value)
         if state == optuna.trial.TrialState.PRUNED:
             # Tune gives a searcher no result its scheduler stopped a trial on: that epoch is reported
             # here, and the pruned trial's value is this last intermediate value (Optuna's rule)
