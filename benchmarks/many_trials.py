@@ -22,7 +22,8 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   start on it (the driver's turnaround, Tune's actor reset, the parameters' fetch); the median
   over the first 10% of trials (by start; the first wave, which had no trial before it, left out)
   and over the last 10%. Goal: last / first <= 1.2. Also the driver's CPU seconds per trial in the
-  same windows (its process, every thread; the first wave left out);
+  same windows (its process, every thread; the first wave left out). Each is also given for every
+  tenth of the trials, which shows where a growth happens;
 - **trial compute / slots**: the sum of the trials' durations over the slots, against the wall time
   of ``run_search`` (real); in replay the ideal is trials x the recorded trial's seconds (scaled) /
   slots. Goal (replay): wall <= 1.15 x ideal (also given: from the first trial's start to the last
@@ -212,12 +213,15 @@ class Timed:
 
 
 def windows(values: list[float]) -> dict:
-    """The median of the first and of the last 10% of ``values`` (at least one each), and their ratio."""
+    """The median of the first and of the last 10% of ``values`` (at least one each), their ratio,
+    and the median of each tenth (where the growth happens)."""
     if not values:
-        return {"n": 0, "first": None, "last": None, "last_over_first": None}
+        return {"n": 0, "first": None, "last": None, "last_over_first": None, "tenths": []}
     k = max(1, len(values) // 10)
     first, last = statistics.median(values[:k]), statistics.median(values[-k:])
-    return {"n": len(values), "first": first, "last": last, "last_over_first": last / first if first > 0 else None}
+    tenths = [statistics.median(values[i * k:(i + 1) * k]) for i in range(10)] if len(values) >= 10 else []
+    return {"n": len(values), "first": first, "last": last, "last_over_first": last / first if first > 0 else None,
+            "tenths": tenths}
 
 
 def read_timings(timings: str) -> list[dict]:
@@ -244,9 +248,10 @@ def driver_cpu_per_trial(suggests: list[tuple], slots: int) -> dict:
     cpu = [c for _, _, c, result in suggests if isinstance(result, dict)][slots - 1:]
     k = max(1, len(cpu) // 10)
     if len(cpu) < 2 * k + 1:
-        return {"first": None, "last": None, "last_over_first": None}
+        return {"first": None, "last": None, "last_over_first": None, "tenths": []}
     first, last = (cpu[k] - cpu[0]) / k, (cpu[-1] - cpu[-1 - k]) / k
-    return {"first": first, "last": last, "last_over_first": last / first if first > 0 else None}
+    return {"first": first, "last": last, "last_over_first": last / first if first > 0 else None,
+            "tenths": [(cpu[(i + 1) * k] - cpu[i * k]) / k for i in range(10) if (i + 1) * k < len(cpu)]}
 
 
 def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> dict:
@@ -384,6 +389,8 @@ def rounded(value):
         return round(value, 4)
     if isinstance(value, dict):
         return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
     return value
 
 
@@ -396,7 +403,8 @@ def print_figures(out: dict) -> None:
         w = o[name]
         if w["first"] is not None:
             print(f"  {name}: first 10% {w['first'] * 1e3:.1f} ms, last 10% {w['last'] * 1e3:.1f} ms"
-                  + (f" (last / first {w['last_over_first']:.2f})" if w["last_over_first"] is not None else ""))
+                  + (f" (last / first {w['last_over_first']:.2f})" if w["last_over_first"] is not None else "")
+                  + (f"; by tenth of the trials: {' '.join(f'{v * 1e3:.1f}' for v in w['tenths'])} ms" if w["tenths"] else ""))
     print(f"  end of search {e['total_s']:.1f} s: {e['after_last_trial_s']:.1f} s from the last trial's end to "
           f"run_search's return (compaction {e['compaction_s']:.1f} s, pruning {e['prune_s']:.1f} s), summary "
           f"{e['summary_s']:.1f} s, report {e['report_s']:.1f} s")
