@@ -98,3 +98,16 @@ def test_tpe_samples_through_sample_and_reads_its_trials_with_get_trials():
     study.sampler.window = lambda trials, s: read.append(window(study.sampler, trials, s)) or read[-1]
     study.ask({"x": x})
     assert len(read) == 1 and len(read[0]) == TPE_WINDOW + TPE_BEST + 1  # (and the trial asked, running)
+
+
+def test_a_study_renews_its_cache_of_trials_at_every_ask():
+    # the windowed TPE reads the trials from the study's cache (``StudyWindow._get_trials``): on a
+    # version that kept the cache across asks, it would miss the trials told and started since
+    study = optuna.create_study()
+    first = study.ask()
+    assert [t.number for t in study._get_trials(deepcopy=False, use_cache=True)] == [0]
+    study.tell(first, 1.0)
+    study.ask()
+    cached = study._get_trials(deepcopy=False, use_cache=True)
+    assert [(t.number, t.state) for t in cached] == [(0, optuna.trial.TrialState.COMPLETE),
+                                                      (1, optuna.trial.TrialState.RUNNING)]
