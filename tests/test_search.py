@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -514,3 +515,35 @@ def test_the_studies_tpe_reads_the_best_and_the_latest_trials_and_splits_them_as
         assert [t.number for t in read_below] == [t.number for t in below]
     assert len(finished) > 3 * TPE_WINDOW
     study.ask({"x": x})  # the sampler's own path reads the window (test_private_api pins how)
+
+
+def test_a_studies_sampler_without_a_window_is_plain_tpe_and_one_with_a_small_window_reads_it_only():
+    """``study_sampler(seed, None)`` proposes what Optuna's TPE with the same settings proposes
+    (``benchmarks/tpe_window.py`` compares window sizes against it); a smaller ``window_size`` is
+    the one read."""
+    from newllm.search.algorithms import TPE_BEST, recorded_constraints, study_sampler
+
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0), "n": optuna.distributions.IntDistribution(1, 4)}
+
+    def proposals(sampler, read: list | None = None) -> list[dict]:
+        study, made = optuna.create_study(sampler=sampler), []
+        running = [study.ask(space)]
+        for i in range(60):
+            running.append(study.ask(space))  # two at once: the constant liar counts the running one
+            trial = running.pop(0)
+            trial.set_user_attr("constraints", {"gate": 1.0 if i % 7 == 0 else -1.0})
+            study.tell(trial, (trial.params["x"] - 0.3) ** 2 + trial.params["n"])
+            made.append(trial.params)
+        if read is not None:
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+            read.extend(sampler.window(study._get_trials(deepcopy=False, states=states, use_cache=False), study))
+        return made
+
+    with warnings.catch_warnings():  # (constraints_func: study_sampler says why it keeps it)
+        warnings.simplefilter("ignore", FutureWarning)
+        plain = optuna.samplers.TPESampler(seed=3, multivariate=True, constant_liar=True,
+                                           constraints_func=recorded_constraints)
+    assert proposals(study_sampler(3, None)) == proposals(plain)
+    read: list = []
+    assert proposals(study_sampler(3, 20), read) != proposals(plain)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in read) <= 20 + TPE_BEST < 60

@@ -110,21 +110,24 @@ def tpe_order(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> tuple:
 
 
 class WindowedTPESampler(optuna.samplers.TPESampler):
-    """TPE that reads, of a single-objective study, its running trials, its latest ``TPE_WINDOW``
-    finished ones and the ``TPE_BEST`` best of the others (``tpe_order``). Its good density is
-    plain TPE's: made of the best ``TPE_BEST`` trials at most, which are all read. Its bad density
-    is made of the latest trials instead of all, as plain TPE's weighs them most. Each older trial
-    is ranked once, when it leaves the window. In a multi-objective study, whose good density grows
-    with the trials, it is plain TPE."""
+    """TPE that reads, of a single-objective study, its running trials, its latest ``window_size``
+    (``TPE_WINDOW``) finished ones and the ``TPE_BEST`` best of the others (``tpe_order``). Its
+    good density is plain TPE's: made of the best ``TPE_BEST`` trials at most, which are all read.
+    Its bad density is made of the latest trials instead of all, as plain TPE's weighs them most.
+    Each older trial is ranked once, when it leaves the window. In a multi-objective study, whose
+    good density grows with the trials, or with ``window_size=None``, it is plain TPE."""
 
-    def __init__(self, **tpe):
+    window_size: int | None = TPE_WINDOW  # (the class's too: a sampler saved before it existed reads it)
+
+    def __init__(self, window_size: int | None = TPE_WINDOW, **tpe):
         super().__init__(**tpe)
+        self.window_size = window_size
         self._ranked_below = 0                        # the trial numbers already ranked are below this
         self._best_old: list[tuple[tuple, int]] = []  # (tpe_order, number) of the best ranked ones
         self._running_old: set[int] = set()           # ranked ones that were still running: again next time
 
     def _sample(self, study: optuna.Study, trial, search_space: dict) -> dict:
-        if len(study.directions) == 1:
+        if len(study.directions) == 1 and self.window_size is not None:
             study = StudyWindow(study, self)
         return super()._sample(study, trial, search_space)
 
@@ -132,7 +135,7 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         """Of ``trials`` (by number), those this sampler reads. The older ones it keeps are found by
         bisection, not by a pass over them all."""
         finished, start = 0, len(trials)
-        while start > 0 and finished < TPE_WINDOW:
+        while start > 0 and finished < self.window_size:
             start -= 1
             finished += trials[start].state != optuna.trial.TrialState.RUNNING
         if start == 0:
@@ -175,14 +178,14 @@ class StudyWindow:
         return self._sampler.window(trials, self._study)
 
 
-def study_sampler(seed: int) -> optuna.samplers.TPESampler:
-    """A study's sampler: seeded multivariate TPE on its best and latest trials
-    (``WindowedTPESampler``), with the constraints each trial records. Optuna
+def study_sampler(seed: int, window_size: int | None = TPE_WINDOW) -> optuna.samplers.TPESampler:
+    """A study's sampler: seeded multivariate TPE on its best and latest ``window_size`` trials
+    (``WindowedTPESampler``; None: on all), with the constraints each trial records. Optuna
     5.0 deprecates ``constraints_func`` for ``Trial.set_constraint``, whose records optuna-dashboard
     (0.21) does not read yet: the constraints_func's records it shows as infeasible trials."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
-        return WindowedTPESampler(seed=seed, multivariate=True, constant_liar=True,
+        return WindowedTPESampler(window_size, seed=seed, multivariate=True, constant_liar=True,
                                   constraints_func=recorded_constraints)
 
 
