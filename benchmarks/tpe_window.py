@@ -162,7 +162,10 @@ def main() -> None:
     args = p.parse_args()
     if args.trials <= TPE_WINDOW + TPE_BEST:
         p.error(f"--trials must exceed {TPE_WINDOW + TPE_BEST} (the default window's first fill)")
-    sizes = [int(s) for s in args.windows.split(",")] + [None]
+    try:
+        sizes = [int(s) for s in args.windows.split(",")] + [None]
+    except ValueError:
+        p.error(f"--windows takes window sizes separated by commas, such as 100,300, not {args.windows!r}")
     jobs = [(o, s, seed, args.trials) for o in OBJECTIVES for s in sizes for seed in range(args.seeds)]
     t0 = time.time()
     with ProcessPoolExecutor(os.cpu_count()) as pool:
