@@ -162,10 +162,15 @@ def main() -> None:
     args = p.parse_args()
     if args.trials <= TPE_WINDOW + TPE_BEST:
         p.error(f"--trials must exceed {TPE_WINDOW + TPE_BEST} (the default window's first fill)")
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, not {args.seeds}")
     try:
-        sizes = [int(s) for s in args.windows.split(",")] + [None]
+        sizes = [int(s) for s in args.windows.split(",")]
     except ValueError:
-        p.error(f"--windows takes window sizes separated by commas, such as 100,300, not {args.windows!r}")
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        p.error(f"--windows takes positive window sizes separated by commas, such as 100,300, not {args.windows!r}")
+    sizes.append(None)  # plain TPE
     jobs = [(o, s, seed, args.trials) for o in OBJECTIVES for s in sizes for seed in range(args.seeds)]
     t0 = time.time()
     with ProcessPoolExecutor(os.cpu_count()) as pool:
