@@ -191,10 +191,12 @@ def tiny_space(tmp_path) -> Callable[..., str]:
 
 @dataclass(frozen=True)
 class TinySearch:
-    """A finished tiny search: its experiment directory and the data its trials trained on."""
+    """A finished tiny search: its experiment directory, the data its trials trained on, and Tune's
+    staging area of the driver (in the Ray session's folder), which Tune copies to the experiment."""
 
     directory: Path
     data: TokenData
+    staging: Path
 
 
 @pytest.fixture(scope="session")
@@ -217,6 +219,8 @@ def tiny_search(tmp_path_factory) -> TinySearch:
         code = cli.main(["--local", "--space", str(space), "--name", "tiny", "--storage-path", str(root / "res")])
         assert code == 0
         data = prepare_data(DataConfig(**load_space(space).data))
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        (staging,) = session.glob("artifacts/*/tiny/driver_artifacts")
     finally:
         ray.shutdown()
         for k, v in saved.items():
@@ -224,4 +228,4 @@ def tiny_search(tmp_path_factory) -> TinySearch:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return TinySearch(root / "res" / "tiny", data)
+    return TinySearch(root / "res" / "tiny", data, staging)

@@ -68,6 +68,14 @@ def test_small_search_writes_one_typed_row_per_trial(tiny_search):
     assert iterations.objective.notna().all()
 
 
+def test_a_finished_trial_leaves_no_folder_in_tunes_staging_area(tiny_search):
+    # Tune copies its whole staging area to the experiment at each save of its state: a folder
+    # per finished trial made that copy grow with the search
+    staged = list(tiny_search.staging.iterdir())
+    assert any(p.name.startswith("experiment_state-") for p in staged)
+    assert [p.name for p in staged if p.is_dir()] == []
+
+
 @pytest.mark.slow
 def test_gate_failure_skips_phase2(tmp_path, tiny_space):
     trials, iterations = run_search(tmp_path, tiny_space("gate_train_er: 1.0"), "gate", "--num-trials", "2")
@@ -548,3 +556,22 @@ def test_a_studies_sampler_without_a_window_is_plain_tpe_and_one_with_a_small_wi
     read: list = []
     assert proposals(study_sampler(3, 20), read) != plain_made
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in read) <= 20 + TPE_BEST < 60
+
+
+def test_the_heap_is_frozen_while_tune_runs_and_thawed_after_even_on_an_error():
+    # a full collection while Tune ran walked every object the imports made: a pause per trial
+    import gc
+
+    from newllm.search.algorithms import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        cycle: list = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() > 0  # what the search makes and drops is still collected
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KeyError), frozen_heap():
+        raise KeyError("a failed fit")
+    assert gc.get_freeze_count() == 0

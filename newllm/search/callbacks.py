@@ -1,6 +1,8 @@
 """The search's Tune callbacks, run in the driver: ``ParquetResults`` lands every reported row
 and every finished trial in the experiment's Parquet tables (``newllm.experiment``), with
-``TrialRow`` making a finished trial's row, and ``Progress`` prints a status line.
+``TrialRow`` making a finished trial's row, ``Progress`` prints a status line, and
+``StagingFolders`` removes the empty folder Tune keeps for each finished trial in the driver's
+staging area.
 
 When rows land. A finished (or errored) trial's row lands at once, after the iteration rows
 pending for all trials, so a reader that reads the trials first has their rows. Iteration rows
@@ -19,6 +21,8 @@ Tune may run a finished trial again when its saved state missed the finish).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
 import time
 from collections.abc import Callable
@@ -324,6 +328,19 @@ class Progress(Callback):
               f"{' (' + done + ')' if done else ''} | {best}", flush=True)
         for tid, r in self.latest.items():
             print(f"          {tid}: {_describe(reported_row(r))}", flush=True)
+
+
+class StagingFolders(Callback):
+    """Removes a finished trial's folder in Tune's staging area of the driver (``trial.local_path``)
+    when it is empty, as it is unless Tune wrote an error there: the trials write their checkpoints
+    to the experiment, and Tune's per-trial loggers are off. At each save of its state (every 10 s)
+    Tune copies the whole staging area to the experiment; with a folder for every trial made, that
+    copy grew with the search (22 ms of the driver's CPU a save at 1,000 trials, against 4 ms for
+    the state's file alone)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        with contextlib.suppress(OSError):  # not empty, or not there: nothing to do
+            os.rmdir(trial.local_path)
 
 
 def failure_line(trial) -> str:
