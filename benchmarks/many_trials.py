@@ -436,9 +436,9 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=4, help="replay: worker nodes (default: %(default)s)")
     p.add_argument("--cpus-per-node", type=int, default=8, help="replay: logical CPUs of each (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=8.0,
-                   help="replay: multiplier on the recorded times (default: %(default)s: a tiny trial of about "
-                        "1.7 s lasts 13 s, so that 32 slots end 2.4 trials a second, which one driver and the "
-                        "cluster's processes on 2 cores keep up with)")
+                   help="replay: multiplier on the recorded times (default: %(default)s: a tiny trial of 0.5 to "
+                        "1.7 s, as fast as the machine runs it, lasts 4 to 13 s, so that 32 slots end 2.4 to 8 "
+                        "trials a second, which one driver and the cluster's processes on 2 cores keep up with)")
     p.add_argument("--recording", help="replay: the recorded trial's file (read if it exists, else written)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
