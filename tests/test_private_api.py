@@ -1,10 +1,11 @@
 """The private attributes of Ray Tune and Optuna that newllm relies on, pinned: no public API
-gives them (``newllm.search.algorithms``), so this fails on the version that renames one, before
-a resumed or relocated search would break in a user's hands."""
+gives them (``newllm.search.algorithms``, ``newllm.search.storage``), so this fails on the
+version that renames one, before a resumed or relocated search would break in a user's hands."""
 
 from __future__ import annotations
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -81,23 +82,24 @@ def test_a_scheduler_may_ask_tunes_controller_for_its_live_trials():
     assert "Set of non-terminated trials" in inspect.getsource(TuneController.__init__)
 
 
-def test_tpe_samples_through_sample_and_reads_its_trials_with_get_trials():
-    # WindowedTPESampler overrides TPESampler._sample and hands it a study whose _get_trials gives
-    # the window: on a version where TPE reads its trials otherwise, the window would be ignored
-    import inspect
-
+def test_tpe_reads_its_trials_with_get_trials_in_sample_relative_and_sample_independent_only():
+    # WindowedTPESampler hands those two a study whose _get_trials gives the window: on a version
+    # where TPE reads its trials otherwise, the window would be ignored. Nothing else in an ask
+    # filters the study's every trial by state: the window is read from the unfiltered cache
     from newllm.search.algorithms import TPE_BEST, TPE_WINDOW, WindowedTPESampler, study_sampler
 
-    assert list(inspect.signature(optuna.samplers.TPESampler._sample).parameters) == ["self", "study", "trial",
-                                                                                      "search_space"]
     study, x = optuna.create_study(sampler=study_sampler(0)), FloatDistribution(0.0, 1.0)
     study.add_trials([optuna.trial.create_trial(value=float(i), params={"x": i / 1000}, distributions={"x": x})
                       for i in range(TPE_WINDOW + TPE_BEST + 10)])
-    read = []
-    window = WindowedTPESampler.window
-    study.sampler.window = lambda trials, s: read.append(window(study.sampler, trials, s)) or read[-1]
+    read, calls = [], []
+    window, get_trials = WindowedTPESampler.window, study._get_trials
+    study.sampler.window = lambda trials, s, states: read.append(window(study.sampler, trials, s, states)) or read[-1]
+    study._get_trials = lambda **kwargs: calls.append(kwargs) or get_trials(**kwargs)
     study.ask({"x": x})
-    assert len(read) == 1 and len(read[0]) == TPE_WINDOW + TPE_BEST + 1  # (and the trial asked, running)
+    assert read and all(sum(t.state != optuna.trial.TrialState.RUNNING for t in r) == TPE_WINDOW + TPE_BEST
+                        for r in read)
+    assert calls and all(c.get("states") is None and c["use_cache"] for c in calls)
+    assert get_trials(deepcopy=False, use_cache=True) is get_trials(deepcopy=False, use_cache=True)  # not copied
 
 
 def test_a_study_renews_its_cache_of_trials_at_every_ask():
@@ -111,3 +113,27 @@ def test_a_study_renews_its_cache_of_trials_at_every_ask():
     cached = study._get_trials(deepcopy=False, use_cache=True)
     assert [(t.number, t.state) for t in cached] == [(0, optuna.trial.TrialState.COMPLETE),
                                                       (1, optuna.trial.TrialState.RUNNING)]
+
+
+def test_the_journal_keeps_its_trials_where_listed_journal_storage_reads_them_and_never_updates_a_finished_one(tmp_path):
+    # ListedJournalStorage.get_all_trials reads the journal's replay as Optuna's own does, and
+    # renews only unfinished trials: on a version where a finished trial could change, its lists
+    # would keep the old one
+    import threading
+
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from newllm.search.storage import ListedJournalStorage
+
+    assert issubclass(ListedJournalStorage, JournalStorage)
+    journal = ListedJournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(storage=journal)
+    trial = study.ask()
+    replay = journal._replay_result
+    assert isinstance(journal._thread_lock, type(threading.Lock()))
+    assert study._study_id in replay._studies and replay._study_id_to_trial_ids[study._study_id] == [trial._trial_id]
+    assert replay._trials[trial._trial_id].number == 0
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        journal.set_trial_user_attr(trial._trial_id, "late", 1)
+    assert "_replay_result" not in JournalStorage.__getstate__(journal)  # (remade when unpickled)

@@ -346,6 +346,15 @@ def test_the_progress_line_best_is_a_proposed_trials_never_a_siblings(capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith("2/3 finished (2 passed) | best val_ppl 50.00 (p)")
 
 
+def test_the_progress_line_counts_each_finished_trial_once_under_its_latest_status(capsys):
+    # the counts are kept as trials finish (recounting every finished trial for each line grew as N²)
+    progress = callbacks.Progress(total=3)
+    for trial_id, status in [("r", "error"), ("q", "passed"), ("r", "passed"), ("g", "gate_failed")]:
+        progress.finish(trial_id, status)
+    progress.print_line()
+    assert "3/3 finished (1 gate_failed, 2 passed) |" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_pruning_keeps_each_finished_trials_first_and_latest_checkpoints(tmp_path):
     from newllm.search.storage import prune_checkpoints
 

@@ -476,6 +476,64 @@ def test_a_kind_that_searches_nothing_gets_its_fixed_settings_and_a_study_trial(
     assert running.user_attrs["trial_id"] == "b" and running.state == optuna.trial.TrialState.RUNNING
 
 
+def test_the_journal_lists_a_studys_trials_as_optunas_own_journal_does(tmp_path):
+    """``ListedJournalStorage`` keeps each study's list of trials and renews its unfinished ones
+    only: its lists are those of Optuna's journal read afresh, whatever the states asked for, with
+    trials queued, started and finished by another writer of the same journal, in two studies,
+    and after being pickled (as Tune saves a searcher)."""
+    import pickle
+    import random
+
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    journal = str(tmp_path / "optuna.journal")
+    ours = storage.open_storage(journal)
+    assert isinstance(ours, storage.ListedJournalStorage)
+    other = optuna.storages.JournalStorage(JournalFileBackend(journal))  # another driver on the journal
+    studies = [optuna.create_study(study_name=name, storage=ours) for name in "ab"]
+    theirs = [optuna.load_study(study_name=name, storage=other) for name in "ab"]
+    asked = {"all": None, "waiting": (TrialState.WAITING,), "running": [TrialState.RUNNING],
+             "unfinished": (TrialState.WAITING, TrialState.RUNNING), "complete": (TrialState.COMPLETE,),
+             "read by TPE": (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING), "failed": {TrialState.FAIL}}
+
+    def listed(s: optuna.storages.BaseStorage, study_id: int, states) -> list[tuple]:
+        return [(t.number, t.state, t.values, t.params, t.user_attrs, t.intermediate_values)
+                for t in s.get_all_trials(study_id, deepcopy=False, states=states)]
+
+    rng, running, seen = random.Random(0), [], set()
+    for step in range(300):
+        k = rng.randrange(2)
+        study = rng.choice((studies[k], theirs[k]))
+        roll = rng.random()
+        if roll < 0.1:
+            theirs[k].enqueue_trial({"x": rng.random()})
+        elif roll < 0.4:
+            trial = study.ask()
+            trial.suggest_float("x", 0.0, 1.0)
+            running.append((study, trial))
+        elif running:
+            study, trial = running.pop(rng.randrange(len(running)))
+            trial.set_user_attr("step", step)
+            if roll < 0.7:
+                trial.report(rng.random(), 1)
+                study.tell(trial, rng.random())
+            else:
+                study.tell(trial, state=rng.choice((TrialState.PRUNED, TrialState.FAIL)))
+        if step % 7 == 0:
+            fresh = optuna.storages.JournalStorage(JournalFileBackend(journal))
+            for s in studies:
+                for states in asked.values():
+                    assert listed(ours, s._study_id, states) == listed(fresh, s._study_id, states), (step, states)
+                seen |= {t.state for t in s.trials}
+    assert seen == set(TrialState), seen  # (every state was listed)
+    revived = pickle.loads(pickle.dumps(ours))
+    assert not {"_listed", "_unfinished", "_listed_from"} & set(vars(pickle.loads(pickle.dumps(ours))))
+    assert listed(revived, studies[1]._study_id, None) == listed(ours, studies[1]._study_id, None)
+    with pytest.raises(KeyError):
+        ours.get_all_trials(99)
+
+
 def test_the_studies_tpe_reads_the_best_and_the_latest_trials_and_splits_them_as_plain_tpe_does():
     """The windowed sampler's good group is plain TPE's, whatever mix of completed, pruned,
     infeasible, running and failed trials the study has, as the window moves on; it reads at most
@@ -511,10 +569,12 @@ def test_the_studies_tpe_reads_the_best_and_the_latest_trials_and_splits_them_as
             study.tell(t, 0.5 + chunk * 0.01) if chunk % 2 else study.tell(t, state=optuna.trial.TrialState.FAIL)
         running = running[2:]
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-        trials = study._get_trials(deepcopy=False, states=states, use_cache=False)
-        read = study.sampler.window(trials, study)
-        fresh = study_sampler(0).window(trials, study)  # one that ranks every older trial now
+        every = study._get_trials(deepcopy=False, use_cache=False)  # (as the sampler reads them: failed ones too)
+        trials = [t for t in every if t.state in states]
+        read = study.sampler.window(every, study, states)
+        fresh = study_sampler(0).window(every, study, states)  # one that ranks every older trial now
         assert [t.number for t in read] == [t.number for t in fresh]
+        assert {t.state for t in read} <= set(states)
         finished = [t for t in trials if t.state != optuna.trial.TrialState.RUNNING]
         assert {t.number for t in finished[-TPE_WINDOW:]} | {t.number for t in running} <= {t.number for t in read}
         assert sum(t.state != optuna.trial.TrialState.RUNNING for t in read) <= TPE_WINDOW + TPE_BEST
@@ -543,8 +603,7 @@ def test_a_studies_sampler_without_a_window_is_plain_tpe_and_one_with_a_small_wi
             study.tell(trial, (trial.params["x"] - 0.3) ** 2 + trial.params["n"])
             made.append(trial.params)
         if read is not None:
-            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-            read.extend(sampler.window(study._get_trials(deepcopy=False, states=states, use_cache=False), study))
+            read.extend(sampler.window(study._get_trials(deepcopy=False, use_cache=False), study))
         return made
 
     with warnings.catch_warnings():  # (constraints_func: study_sampler says why it keeps it)

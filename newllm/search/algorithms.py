@@ -98,6 +98,7 @@ def recorded_constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
 # Python work: plain TPE takes about 0.1 s a suggestion at 10,000 trials).
 TPE_BEST = 25
 TPE_WINDOW = 300
+TPE_READS = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # the finished trials TPE reads
 
 
 def tpe_order(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> tuple:
@@ -126,25 +127,37 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         self.window_size = window_size
         self._ranked_below = 0                        # the trial numbers already ranked are below this
         self._best_old: list[tuple[tuple, int]] = []  # (tpe_order, number) of the best ranked ones
-        self._running_old: set[int] = set()           # ranked ones that were still running: again next time
+        self._running_old: set[int] = set()           # ranked ones not finished yet: again next time
 
-    def _sample(self, study: optuna.Study, trial, search_space: dict) -> dict:
+    # TPE reads a study's trials in these two (through ``Study._get_trials``, which ``StudyWindow``
+    # answers); the rest of the sampler sees the study itself
+
+    def sample_relative(self, study: optuna.Study, trial, search_space: dict) -> dict:
+        return super().sample_relative(self._windowed(study), trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial, param_name: str, param_distribution):
+        return super().sample_independent(self._windowed(study), trial, param_name, param_distribution)
+
+    def _windowed(self, study: optuna.Study) -> optuna.Study:
         if len(study.directions) == 1 and self.window_size is not None:
-            study = StudyWindow(study, self)
-        return super()._sample(study, trial, search_space)
+            return StudyWindow(study, self)
+        return study
 
-    def window(self, trials: list[optuna.trial.FrozenTrial], study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-        """Of ``trials`` (by number), those this sampler reads. The older ones it keeps are found by
-        bisection, not by a pass over them all."""
+    def window(self, trials: list[optuna.trial.FrozenTrial], study: optuna.Study,
+               states=None) -> list[optuna.trial.FrozenTrial]:
+        """Of a study's ``trials`` (by number; of any states), those of ``states`` (None: all)
+        this sampler reads. It looks at the latest trials, and at older ones it kept, only: the
+        older ones are found by bisection, not by a pass over them all, so a suggestion at trial
+        10,000 reads what one at trial 1,000 does."""
         finished, start = 0, len(trials)
         while start > 0 and finished < self.window_size:
             start -= 1
-            finished += trials[start].state != optuna.trial.TrialState.RUNNING
+            finished += trials[start].state in TPE_READS
         if start == 0:
-            return trials
+            return [t for t in trials if states is None or t.state in states]
         by_number = operator.attrgetter("number")
 
-        def old(number: int) -> optuna.trial.FrozenTrial | None:  # (None: failed since, which TPE never reads)
+        def old(number: int) -> optuna.trial.FrozenTrial | None:
             i = bisect.bisect_left(trials, number, hi=start, key=by_number)
             return trials[i] if i < start and trials[i].number == number else None
 
@@ -152,14 +165,14 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         candidates = [*map(old, self._running_old), *trials[first_new:start]]
         self._running_old = set()
         for t in filter(None, candidates):
-            if t.state == optuna.trial.TrialState.RUNNING:
+            if not t.state.is_finished():
                 self._running_old.add(t.number)
-            else:
+            elif t.state in TPE_READS:  # (a failed trial TPE never reads)
                 self._best_old.append((tpe_order(t, study), t.number))
         self._best_old = heapq.nsmallest(TPE_BEST, self._best_old)
         self._ranked_below = max(self._ranked_below, trials[start - 1].number + 1)
         kept = filter(None, map(old, [*(n for _, n in self._best_old), *self._running_old]))
-        return sorted(kept, key=by_number) + trials[start:]
+        return [t for t in [*sorted(kept, key=by_number), *trials[start:]] if states is None or t.state in states]
 
 
 class StudyWindow:
@@ -172,12 +185,13 @@ class StudyWindow:
     def __getattr__(self, name: str):
         return getattr(self._study, name)
 
-    def _get_trials(self, deepcopy: bool, states, use_cache: bool) -> list[optuna.trial.FrozenTrial]:
-        # the trials as the study's ask read them when it made this trial (its cache, renewed at
-        # every ask; TPE's constant liar rereads the storage for trials started since, but in one
-        # driver none are), not one more pass over the storage's every trial
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=True)
-        return self._sampler.window(trials, self._study)
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[optuna.trial.FrozenTrial]:
+        # the trials as the study's ask read them when it made this trial (its cache of every
+        # trial, renewed at every ask; TPE's constant liar rereads the storage for trials started
+        # since, but in one driver none are), unfiltered: a pass over every trial to filter them
+        # by state costs as much as TPE's whole work on its window at 10,000 trials
+        trials = self._sampler.window(self._study._get_trials(deepcopy=False, use_cache=True), self._study, states)
+        return copy.deepcopy(trials) if deepcopy else trials
 
 
 def study_sampler(seed: int, window_size: int | None = TPE_WINDOW) -> optuna.samplers.TPESampler:

@@ -25,6 +25,7 @@ import contextlib
 import os
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +284,8 @@ class Progress(Callback):
         self.total = total
         self.start, self.last_print = time.monotonic(), 0.0
         self.latest: dict[str, dict] = {}
-        self.finished: dict[str, str] = {}
+        self.finished: dict[str, str] = {}  # trial id -> status
+        self.counts: Counter[str] = Counter()  # status -> finished trials: kept, not recounted for each line
         self.stopped: set[str] = set()  # passed trials whose Phase 2 ASHA stopped
         self.best: dict[str, tuple[float, str]] = {}  # family -> (objective, who) of its best passed trial
 
@@ -294,7 +296,7 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = outcome(reported_row(trial.last_result or {})) or {"status": "error"}
-        self.finished[trial.trial_id] = result["status"]
+        self.finish(trial.trial_id, result["status"])
         if result.get("phase2_stop_reason") == "scheduler":
             self.stopped.add(trial.trial_id)
         self.latest.pop(trial.trial_id, None)
@@ -307,17 +309,20 @@ class Progress(Callback):
         self.print_line()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.finished[trial.trial_id] = "error"
+        self.finish(trial.trial_id, "error")
         self.latest.pop(trial.trial_id, None)
         print(f"Trial {trial.trial_id} failed: {failure_line(trial)}", flush=True)
         self.print_line()
 
+    def finish(self, trial_id: str, status: str) -> None:
+        if (before := self.finished.get(trial_id)) is not None:  # (finished before: its status changes)
+            self.counts[before] -= 1
+        self.finished[trial_id] = status
+        self.counts[status] += 1
+
     def print_line(self):
         self.last_print = time.monotonic()
-        counts: dict[str, int] = {}
-        for s in self.finished.values():
-            counts[s] = counts.get(s, 0) + 1
-        done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        done = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()) if n)
         if self.stopped:
             done += f"; Phase 2 of {len(self.stopped)} stopped early by ASHA"
         best = f"best val_ppl {self.best[NEWLLM][0]:.2f} ({self.best[NEWLLM][1]})" if NEWLLM in self.best \

@@ -5,6 +5,7 @@ is appended to it; and the trials' checkpoints, thinned when the search ends."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from newllm.experiment import OPTUNA_JOURNAL, checkpoint_dir, filesystem, load
 
 OBJECT_STORES = ("s3", "gs")
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "beegfs", "glusterfs", "fuse")
+FINISHED = tuple(state for state in optuna.trial.TrialState if state.is_finished())
 JOURNAL_TAIL_BYTES = 1 << 16  # a journal record is far shorter: the tail's last newline lies within
 
 
@@ -131,7 +133,52 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
         return optuna.storages.get_storage(storage)
 
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    return ListedJournalStorage(JournalFileBackend(storage))
+
+
+class ListedJournalStorage(optuna.storages.JournalStorage):
+    """Optuna's journal storage, which lists a study's trials without looking at each of them.
+
+    A study lists its trials twice at every ask: its waiting trials, then every trial (its cache,
+    which the sampler reads). Optuna's journal looks up every trial and checks its state for each
+    list: at 10,000 trials, in a driver whose heap the search has spread out, that took longer
+    than the sampler's whole work on its window. A finished trial never changes (the journal
+    rejects updates to it), so this keeps each study's list of trials, renews its unfinished ones
+    and appends the new ones: a list costs a copy, and the unfinished trials are looked at alone."""
+
+    _listed_from = None  # the journal's replay that the lists were made from
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for key in ("_listed_from", "_listed", "_unfinished"):
+            state.pop(key, None)
+        return state
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
+        with self._thread_lock:
+            self._sync_with_backend()
+            replay = self._replay_result
+            if study_id not in replay._studies:
+                raise KeyError(f"No study with id {study_id}.")
+            if self._listed_from is not replay:  # (a new replay: unpickled, or a snapshot restored)
+                self._listed_from, self._listed, self._unfinished = replay, {}, {}
+            ids, trials = replay._study_id_to_trial_ids[study_id], replay._trials
+            listed, unfinished = self._listed.setdefault(study_id, []), self._unfinished.setdefault(study_id, set())
+            for number in list(unfinished):
+                listed[number] = trials[ids[number]]
+                if listed[number].state.is_finished():
+                    unfinished.discard(number)
+            for number in range(len(listed), len(ids)):
+                listed.append(trials[ids[number]])
+                if not listed[number].state.is_finished():
+                    unfinished.add(number)
+            if states is None:
+                found = listed.copy()
+            elif not any(state in states for state in FINISHED):
+                found = [listed[n] for n in sorted(unfinished) if listed[n].state in states]
+            else:
+                found = [t for t in listed if t.state in states]
+        return copy.deepcopy(found) if deepcopy else found
 
 
 def existing_studies(storage: str) -> set[str]:
