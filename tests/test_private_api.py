@@ -133,6 +133,9 @@ def test_the_journal_keeps_its_trials_where_listed_journal_storage_reads_them_an
     assert isinstance(journal._thread_lock, type(threading.Lock()))
     assert study._study_id in replay._studies and replay._study_id_to_trial_ids[study._study_id] == [trial._trial_id]
     assert replay._trials[trial._trial_id].number == 0
+    before = replay._trials[trial._trial_id]  # lists hand out this object, deep-copied outside the lock
+    journal.set_trial_user_attr(trial._trial_id, "seen", 1)
+    assert replay._trials[trial._trial_id] is not before and "seen" not in before.user_attrs
     study.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         journal.set_trial_user_attr(trial._trial_id, "late", 1)

@@ -178,6 +178,7 @@ class ListedJournalStorage(optuna.storages.JournalStorage):
                 found = [listed[n] for n in sorted(unfinished) if listed[n].state in states]
             else:
                 found = [t for t in listed if t.state in states]
+        # copied outside the lock: the journal replaces a trial it updates, never changes one in place
         return copy.deepcopy(found) if deepcopy else found
 
 
