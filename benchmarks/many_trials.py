@@ -24,6 +24,9 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   and over the last 10%. Goal: last / first <= 1.2. Also the driver's CPU seconds per trial in the
   same windows (its process, every thread; the first wave left out). Each is also given for every
   tenth of the trials, which shows where a growth happens;
+- **trial time**: each trial's duration, median over the same windows and tenths. In real mode
+  the driver shares the machine's CPUs with the trials, and its CPU per trial rises and falls
+  with the size of the trials the search proposes: read the two side by side;
 - **trial compute / slots**: the sum of the trials' durations over the slots, against the wall time
   of ``run_search`` (real); in replay the ideal is trials x the recorded trial's seconds (scaled) /
   slots. Goal (replay): wall <= 1.15 x ideal (also given: from the first trial's start to the last
@@ -288,6 +291,9 @@ def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> di
         "stopped_by_asha": int((table.get("phase2_stop_reason") == "scheduler").sum()),
         "wall_s": search_end - t0, "compute_over_slots_s": compute / slots,
         "trial_s_median": statistics.median(t["end"] - t["start"] for t in trials),
+        # (the trials' own time by tenth: on --local the driver shares the CPUs with them, and its
+        # CPU per trial rises and falls with the size of the trials the search proposes)
+        "trial_s": windows([t["end"] - t["start"] for t in trials]),
         "first_start_s": trials[0]["start"] - t0, "trials_span_s": last_end - trials[0]["start"],
         "per_trial_overhead_s": windows(slot_gaps(trials, slots)),
         "driver_cpu_per_trial_s": driver_cpu_per_trial(suggest.calls, slots),
@@ -399,7 +405,7 @@ def print_figures(out: dict) -> None:
     print(f"{o['mode']}: {o['trials']} trials on {o['slots']} slots in {o['wall_s']:.1f} s; trial compute / slots "
           f"{o['compute_over_slots_s']:.1f} s" + (f"; ideal {o['ideal_s']:.1f} s (wall / ideal {o['wall_over_ideal']:.3f})"
                                                   if "ideal_s" in o else ""))
-    for name in ("per_trial_overhead_s", "driver_cpu_per_trial_s", "suggest_s"):
+    for name in ("trial_s", "per_trial_overhead_s", "driver_cpu_per_trial_s", "suggest_s"):
         w = o[name]
         if w["first"] is not None:
             print(f"  {name}: first 10% {w['first'] * 1e3:.1f} ms, last 10% {w['last'] * 1e3:.1f} ms"
