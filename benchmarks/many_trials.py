@@ -24,7 +24,8 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   and over the last 10%. Goal: last / first <= 1.2. Also the driver's CPU seconds per trial in the
   same windows (its process, every thread; the first wave left out). Each is also given for every
   tenth of the trials, which shows where a growth happens;
-- **trial time**: each trial's duration, median over the same windows and tenths. In real mode
+- **trial time**: each trial's duration, median over the first and last 10% of trials (by start;
+  the first wave in) and over each tenth. In real mode
   the driver shares the machine's CPUs with the trials, and its CPU per trial rises and falls
   with the size of the trials the search proposes: read the two side by side;
 - **trial compute / slots**: the sum of the trials' durations over the slots, against the wall time

@@ -528,7 +528,7 @@ def test_the_journal_lists_a_studys_trials_as_optunas_own_journal_does(tmp_path)
                 seen |= {t.state for t in s.trials}
     assert seen == set(TrialState), seen  # (every state was listed)
     revived = pickle.loads(pickle.dumps(ours))
-    assert not {"_listed", "_unfinished", "_listed_from"} & set(vars(pickle.loads(pickle.dumps(ours))))
+    assert not {"_listed", "_unfinished", "_listed_from"} & set(vars(revived))
     assert listed(revived, studies[1]._study_id, None) == listed(ours, studies[1]._study_id, None)
     with pytest.raises(KeyError):
         ours.get_all_trials(99)

@@ -149,12 +149,16 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         this sampler reads. It looks at the latest trials, and at older ones it kept, only: the
         older ones are found by bisection, not by a pass over them all, so a suggestion at trial
         10,000 reads what one at trial 1,000 does."""
+        read = self._read(trials, study)
+        return read if states is None else [t for t in read if t.state in states]
+
+    def _read(self, trials: list[optuna.trial.FrozenTrial], study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         finished, start = 0, len(trials)
         while start > 0 and finished < self.window_size:
             start -= 1
             finished += trials[start].state in TPE_READS
         if start == 0:
-            return [t for t in trials if states is None or t.state in states]
+            return trials
         by_number = operator.attrgetter("number")
 
         def old(number: int) -> optuna.trial.FrozenTrial | None:
@@ -172,7 +176,7 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         self._best_old = heapq.nsmallest(TPE_BEST, self._best_old)
         self._ranked_below = max(self._ranked_below, trials[start - 1].number + 1)
         kept = filter(None, map(old, [*(n for _, n in self._best_old), *self._running_old]))
-        return [t for t in [*sorted(kept, key=by_number), *trials[start:]] if states is None or t.state in states]
+        return sorted(kept, key=by_number) + trials[start:]
 
 
 class StudyWindow:
