@@ -36,7 +36,8 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   compaction, the checkpoints' pruning), then the summary and ``write_report`` as the command
   runs them;
 - **Optuna suggest**: the driver's seconds in ``KindSearch.suggest`` for each trial made, median
-  over the first and last 10%;
+  over the first and last 10%, and its CPU seconds (the suggestion's share of the driver's CPU per
+  trial; in real mode the first tenth's suggestions read a window TPE is still filling);
 - Tune's state (``experiment_state-*.json``; goal in replay <= 100 MB) and the driver's peak RSS
   (``ru_maxrss``; goal in replay <= 2 GiB).
 
@@ -66,6 +67,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 from unittest import mock
 
 import ray
@@ -195,17 +197,25 @@ def recording_of(space_path: str, path: str | None) -> dict:
 
 # ---- measurements in the driver
 
+class Call(NamedTuple):
+    start: float      # wall clock
+    seconds: float    # wall seconds
+    cpu_s: float      # the driver's CPU seconds during the call (its process, every thread)
+    cpu_after: float  # the driver's CPU seconds so far, at its end
+    result: object
+
+
 class Timed:
-    """Wraps a function: each call's start (wall clock), seconds, the driver's CPU seconds so far, and
-    its result."""
+    """Wraps a function: records each ``Call``."""
 
     def __init__(self, function):
         self.function, self.calls = function, []
 
     def __call__(self, *args, **kwargs):
-        t0, start = time.time(), time.perf_counter()
+        t0, start, cpu = time.time(), time.perf_counter(), time.process_time()
         result = self.function(*args, **kwargs)
-        self.calls.append((t0, time.perf_counter() - start, time.process_time(), result))
+        cpu_after = time.process_time()
+        self.calls.append(Call(t0, time.perf_counter() - start, cpu_after - cpu, cpu_after, result))
         return result
 
     def method(self):
@@ -246,10 +256,10 @@ def slot_gaps(trials: list[dict], slots: int) -> list[float]:
     return gaps
 
 
-def driver_cpu_per_trial(suggests: list[tuple], slots: int) -> dict:
+def driver_cpu_per_trial(suggests: list[Call], slots: int) -> dict:
     """The driver's CPU seconds per trial made, over the first and the last 10% of trials (between
     the suggest calls that made them), the first wave (``slots`` trials made at once) left out."""
-    cpu = [c for _, _, c, result in suggests if isinstance(result, dict)][slots - 1:]
+    cpu = [c.cpu_after for c in suggests if isinstance(c.result, dict)][slots - 1:]
     k = max(1, len(cpu) // 10)
     if len(cpu) < 2 * k + 1:
         return {"first": None, "last": None, "last_over_first": None, "tenths": []}
@@ -284,7 +294,7 @@ def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> di
     last_end = max(t["end"] for t in trials)
     compute = sum(t["end"] - t["start"] for t in trials)
     table, _ = load(run.exp_dir)
-    made = [s for s in suggest.calls if isinstance(s[3], dict)]
+    made = [c for c in suggest.calls if isinstance(c.result, dict)]
     state = list(Path(run.exp_dir).glob("experiment_state-*.json"))
     return {
         "finished": finished, "trials": len(trials), "slots": slots,
@@ -298,9 +308,12 @@ def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> di
         "first_start_s": trials[0]["start"] - t0, "trials_span_s": last_end - trials[0]["start"],
         "per_trial_overhead_s": windows(slot_gaps(trials, slots)),
         "driver_cpu_per_trial_s": driver_cpu_per_trial(suggest.calls, slots),
-        "suggest_s": windows([s[1] for s in made]),
+        "suggest_s": windows([c.seconds for c in made]),
+        # (the suggestion's share of the driver's CPU per trial: TPE's window fills over the first
+        # TPE_WINDOW trials, and each trial in it is read at every suggestion)
+        "suggest_cpu_s": windows([c.cpu_s for c in made]),
         "end_of_search": {"after_last_trial_s": search_end - last_end,
-                          "compaction_s": sum(c[1] for c in compaction.calls), "prune_s": sum(c[1] for c in prune.calls),
+                          "compaction_s": sum(c.seconds for c in compaction.calls), "prune_s": sum(c.seconds for c in prune.calls),
                           "summary_s": summary_s, "report_s": report_s,
                           "total_s": search_end - last_end + summary_s + report_s},
         "tune_state_bytes": sum(p.stat().st_size for p in state),
@@ -406,7 +419,7 @@ def print_figures(out: dict) -> None:
     print(f"{o['mode']}: {o['trials']} trials on {o['slots']} slots in {o['wall_s']:.1f} s; trial compute / slots "
           f"{o['compute_over_slots_s']:.1f} s" + (f"; ideal {o['ideal_s']:.1f} s (wall / ideal {o['wall_over_ideal']:.3f})"
                                                   if "ideal_s" in o else ""))
-    for name in ("trial_s", "per_trial_overhead_s", "driver_cpu_per_trial_s", "suggest_s"):
+    for name in ("trial_s", "per_trial_overhead_s", "driver_cpu_per_trial_s", "suggest_s", "suggest_cpu_s"):
         w = o[name]
         if w["first"] is not None:
             print(f"  {name}: first 10% {w['first'] * 1e3:.1f} ms, last 10% {w['last'] * 1e3:.1f} ms"
