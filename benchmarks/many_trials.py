@@ -25,9 +25,9 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   same windows (its process, every thread; the first wave left out). Each is also given for every
   tenth of the trials, which shows where a growth happens;
 - **trial time**: each trial's duration, median over the first and last 10% of trials (by start;
-  the first wave in) and over each tenth. In real mode
-  the driver shares the machine's CPUs with the trials, and its CPU per trial rises and falls
-  with the size of the trials the search proposes: read the two side by side;
+  the first wave in) and over each tenth. In real mode the driver shares the machine's CPUs with
+  the trials, and its CPU per trial rises and falls with the size of the trials the search
+  proposes: read the two side by side;
 - **trial compute / slots**: the sum of the trials' durations over the slots, against the wall time
   of ``run_search`` (real); in replay the ideal is trials x the recorded trial's seconds (scaled) /
   slots. Goal (replay): wall <= 1.15 x ideal (also given: from the first trial's start to the last
