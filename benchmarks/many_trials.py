@@ -25,9 +25,8 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   same windows (its process, every thread; the first wave left out). Each is also given for every
   tenth of the trials, which shows where a growth happens;
 - **trial time**: each trial's duration, median over the first and last 10% of trials (by start;
-  the first wave in) and over each tenth. In real mode the driver shares the machine's CPUs with
-  the trials, and its CPU per trial rises and falls with the size of the trials the search
-  proposes: read the two side by side;
+  the first wave in) and over each tenth. In real mode the driver's CPU per trial rises and falls
+  with the trials' own time (the machine's speed moves both): read the two side by side;
 - **trial compute / slots**: the sum of the trials' durations over the slots, against the wall time
   of ``run_search`` (real); in replay the ideal is trials x the recorded trial's seconds (scaled) /
   slots. Goal (replay): wall <= 1.15 x ideal (also given: from the first trial's start to the last
@@ -302,8 +301,8 @@ def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> di
         "stopped_by_asha": int((table.get("phase2_stop_reason") == "scheduler").sum()),
         "wall_s": search_end - t0, "compute_over_slots_s": compute / slots,
         "trial_s_median": statistics.median(t["end"] - t["start"] for t in trials),
-        # (the trials' own time by tenth: on --local the driver shares the CPUs with them, and its
-        # CPU per trial rises and falls with the size of the trials the search proposes)
+        # (the trials' own time by tenth: the driver's CPU per trial rises and falls with it, as the
+        # machine's speed moves both)
         "trial_s": windows([t["end"] - t["start"] for t in trials]),
         "first_start_s": trials[0]["start"] - t0, "trials_span_s": last_end - trials[0]["start"],
         "per_trial_overhead_s": windows(slot_gaps(trials, slots)),
