@@ -38,7 +38,11 @@ Every trial's function notes its start and end (wall clock, a file per worker pr
   over the first and last 10%, and its CPU seconds (the suggestion's share of the driver's CPU per
   trial; in real mode the first tenth's suggestions read a window TPE is still filling);
 - Tune's state (``experiment_state-*.json``; goal in replay <= 100 MB) and the driver's peak RSS
-  (``ru_maxrss``; goal in replay <= 2 GiB).
+  (``ru_maxrss``; goal in replay <= 2 GiB);
+- with ``--count-lines``, the driver's **work per trial** whatever the machine's speed: the lines of
+  Python its main thread runs (``sys.settrace``) over the first and the last 10% of trials (the
+  same windows), by library. The tracer slows the driver in those two tenths, so the CPU figures of
+  such a run are not a plain run's.
 
     .venv/bin/python benchmarks/many_trials.py                       # both, at the issue's sizes
     .venv/bin/python benchmarks/many_trials.py --mode real --trials 20
@@ -50,6 +54,7 @@ Prints the search's progress lines and a summary per mode, then one JSON line (l
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -255,6 +260,77 @@ def slot_gaps(trials: list[dict], slots: int) -> list[float]:
     return gaps
 
 
+class LineCounts:
+    """The lines of Python the driver's main thread runs between the suggestions that make trials,
+    over the first and the last 10% of ``trials`` (``driver_cpu_per_trial``'s windows), by library:
+    the driver's work per trial, which the machine's speed does not move (its time, it does). A loop
+    counts a line per turn; what C code does inside one line (a JSON encoding, a sort) counts once."""
+
+    def __init__(self, trials: int, slots: int):
+        k = max(1, (trials - slots + 1) // 10)
+        self.windows = {"first": (slots - 1, slots - 1 + k), "last": (trials - 1 - k, trials - 1)}
+        self.lines = {name: collections.Counter() for name in self.windows}
+        self.made, self.window = 0, None
+        self._library: dict = {}   # code object -> its library
+        self._tracers: dict = {}   # library -> the tracer counting its lines in the open window
+
+    def wrap(self, suggest):
+        """``suggest``, each trial it makes counted: a window starts and ends just after one."""
+        def call(*args, **kwargs):
+            result = suggest(*args, **kwargs)
+            if isinstance(result, dict):
+                for name, (first, last) in self.windows.items():
+                    if self.made == first:
+                        self.window, self._tracers = name, {}
+                        sys.settrace(self._call)
+                    elif self.made == last:
+                        self.stop()
+                self.made += 1
+            return result
+        return call
+
+    def stop(self) -> None:
+        sys.settrace(None)
+        self.window = None
+
+    def _call(self, frame, event, arg):
+        code = frame.f_code
+        library = self._library.get(code) or self._library.setdefault(code, self.library(code.co_filename))
+        tracer = self._tracers.get(library)
+        if tracer is None:
+            lines = self.lines[self.window]
+
+            def tracer(frame, event, arg):
+                if event == "line":
+                    lines[library] += 1
+                return tracer
+            self._tracers[library] = tracer
+        return tracer
+
+    @staticmethod
+    def library(filename: str) -> str:
+        """Whose code ``filename`` is: a package under site-packages (Ray's Tune, Train and AIR as
+        ``ray.tune``), newllm, this benchmark, or Python's own modules."""
+        path = filename.replace(os.sep, "/")
+        if "/site-packages/" in path:
+            parts = path.split("/site-packages/")[-1].split("/")
+            if parts[:2] in (["ray", "tune"], ["ray", "train"], ["ray", "air"]):
+                return "ray.tune"
+            return parts[0].removesuffix(".py")
+        return next((name for name in ("newllm", "benchmarks") if f"/{name}/" in path), "python")
+
+    def per_trial(self) -> dict:
+        """Lines per trial in each window, by library and in all, with last / first."""
+        counts: dict[str, dict[str, float]] = {}
+        for name, lines in self.lines.items():
+            first, last = self.windows[name]
+            trials = max(1, min(last, self.made - 1) - first)
+            for library, n in [*lines.items(), ("all", sum(lines.values()))]:
+                counts.setdefault(library, {"first": 0.0, "last": 0.0})[name] = n / trials
+        return {library: {**c, "last_over_first": c["last"] / c["first"] if c["first"] else None}
+                for library, c in sorted(counts.items(), key=lambda kv: -kv[1]["last"])}
+
+
 def driver_cpu_per_trial(suggests: list[Call], slots: int) -> dict:
     """The driver's CPU seconds per trial made, over the first and the last 10% of trials (between
     the suggest calls that made them), the first wave (``slots`` trials made at once) left out."""
@@ -267,20 +343,24 @@ def driver_cpu_per_trial(suggests: list[Call], slots: int) -> dict:
             "tenths": [(cpu[(i + 1) * k] - cpu[i * k]) / k for i in range(10) if (i + 1) * k < len(cpu)]}
 
 
-def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> dict:
-    """``run_search(run)`` with its suggest calls, compaction and pruning timed, then the summary and
-    report as the command makes them; every figure of one mode but the goals."""
+def measured_search(run: SearchRun, space, data, slots: int, timings: str, count_lines: bool = False) -> dict:
+    """``run_search(run)`` with its suggest calls, compaction and pruning timed (and with
+    ``count_lines``, the driver's lines of Python counted), then the summary and report as the command makes
+    them; every figure of one mode but the goals."""
     suggest = Timed(KindSearch.suggest)
+    counts = LineCounts(run.num_trials, slots) if count_lines else None
     compaction = Timed(ParquetResults.on_experiment_end)
     prune = Timed(algorithms.prune_checkpoints)
     record_space(run.exp_dir, space)
     record_floors(run.exp_dir, floors(data.train_ids, data.val_ids, data.vocab_size))
-    with mock.patch.object(KindSearch, "suggest", suggest.method()), \
+    with mock.patch.object(KindSearch, "suggest", counts.wrap(suggest.method()) if counts else suggest.method()), \
             mock.patch.object(ParquetResults, "on_experiment_end", compaction.method()), \
             mock.patch.object(algorithms, "prune_checkpoints", prune):
         t0 = time.time()
         finished = run_search(run)
         search_end = time.time()
+    if counts:
+        counts.stop()  # (a search that made fewer trials than asked ends inside a window)
     t = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         cli.print_summary(run.exp_dir, space)
@@ -317,6 +397,7 @@ def measured_search(run: SearchRun, space, data, slots: int, timings: str) -> di
                           "total_s": search_end - last_end + summary_s + report_s},
         "tune_state_bytes": sum(p.stat().st_size for p in state),
         "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **({"driver_lines_per_trial": counts.per_trial()} if counts else {}),
     }
 
 
@@ -353,7 +434,8 @@ def run_mode(args, root: str) -> dict:
         ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
         try:
             trainable = tune.with_parameters(real_trial, space=space, data=data, timings=timings)
-            out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings)
+            out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings,
+                                args.count_lines)
         finally:
             ray.shutdown()
         return {"mode": "real", **out}
@@ -378,7 +460,8 @@ def run_mode(args, root: str) -> dict:
         signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
         trainable = tune.with_parameters(replay_trial, recording=recording, metrics=space.metrics,
                                          time_scale=args.time_scale, timings=timings)
-        out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings)
+        out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings,
+                                args.count_lines)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -429,6 +512,12 @@ def print_figures(out: dict) -> None:
           f"{e['summary_s']:.1f} s, report {e['report_s']:.1f} s")
     print(f"  Tune state {o['tune_state_bytes'] / 1e6:.2f} MB; driver peak RSS {o['driver_peak_rss_bytes'] / 2**30:.2f} GiB; "
           f"statuses {o['statuses']}; goals {o['goals']}", flush=True)
+    if "driver_lines_per_trial" in o:
+        print("  driver's lines of Python per trial (main thread, traced: this run's CPU figures are not a plain run's), "
+              "first 10% -> last 10%: " + "; ".join(
+                  f"{library} {c['first']:,.0f} -> {c['last']:,.0f}"
+                  + (f" ({c['last_over_first']:.2f})" if c["last_over_first"] is not None else "")
+                  for library, c in o["driver_lines_per_trial"].items()), flush=True)
 
 
 def child(args, mode: str) -> dict:
@@ -437,6 +526,7 @@ def child(args, mode: str) -> dict:
             str(args.cpus_per_node), "--time-scale", str(args.time_scale)]
     argv += ["--trials", str(args.trials)] if args.trials else []
     argv += ["--recording", args.recording] if args.recording else []
+    argv += ["--count-lines"] if args.count_lines else []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as p:
         last = ""
         for line in p.stdout:
@@ -459,6 +549,9 @@ def main() -> None:
                         "1.7 s, as fast as the machine runs it, lasts 4 to 13 s, so that 32 slots end 2.4 to 8 "
                         "trials a second, which one driver and the cluster's processes on 2 cores keep up with)")
     p.add_argument("--recording", help="replay: the recorded trial's file (read if it exists, else written)")
+    p.add_argument("--count-lines", action="store_true",
+                   help="count the lines of Python the driver runs per trial over the first and last 10%% of "
+                        "trials, by library (a tracer: it slows those tenths)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
