@@ -417,6 +417,11 @@ def write_tiny_space(root: str) -> str:
     return f"{root}/tiny.yaml"
 
 
+def slots_of(args) -> int:
+    """Trials at once: one per CPU of this machine (real), every logical CPU of the worker nodes (replay)."""
+    return os.cpu_count() if args.mode == "real" else args.nodes * args.cpus_per_node
+
+
 def run_mode(args, root: str) -> dict:
     """One mode's search in ``root`` (this process its driver): its figures."""
     space_path = write_tiny_space(root)
@@ -429,13 +434,13 @@ def run_mode(args, root: str) -> dict:
     base = {"name": name, "storage_root": storage, "space": space, "data": data, "num_trials": args.trials,
             "optuna_storage": optuna_storage(None, name, f"{storage}/{name}")}
     if args.mode == "real":
-        slots = os.cpu_count()
+        slots = slots_of(args)
         print(f"real: {args.trials} trials of the tiny space on a local Ray of {slots} CPUs", flush=True)
         ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
         try:
             trainable = tune.with_parameters(real_trial, space=space, data=data, timings=timings)
-            out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings,
-                                args.count_lines)
+            out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots,
+                                  timings, args.count_lines)
         finally:
             ray.shutdown()
         return {"mode": "real", **out}
@@ -443,7 +448,7 @@ def run_mode(args, root: str) -> dict:
     from ray.cluster_utils import Cluster
 
     recording = recording_of(space_path, args.recording)
-    slots = args.nodes * args.cpus_per_node
+    slots = slots_of(args)
     trial_s = recording["seconds"] * args.time_scale
     print(f"replay: {args.trials} trials on {args.nodes} nodes x {args.cpus_per_node} CPUs ({slots} slots); the "
           f"recorded trial: {len(recording['steps'])} rows in {recording['seconds']:.2f} s, replayed in "
@@ -460,8 +465,8 @@ def run_mode(args, root: str) -> dict:
         signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
         trainable = tune.with_parameters(replay_trial, recording=recording, metrics=space.metrics,
                                          time_scale=args.time_scale, timings=timings)
-        out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots, timings,
-                                args.count_lines)
+        out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots,
+                                  timings, args.count_lines)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -553,12 +558,18 @@ def main() -> None:
                    help="count the lines of Python the driver runs per trial over the first and last 10%% of "
                         "trials, by library (a tracer: it slows those tenths)")
     args = p.parse_args()
+    if args.trials is not None and args.trials < 1:
+        p.error(f"--trials must be at least 1, not {args.trials}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     if args.mode == "both":
         results = {mode: child(args, mode) for mode in ("real", "replay")}
     else:
         args.trials = args.trials or DEFAULT_TRIALS[args.mode]
+        if args.count_lines and args.trials < slots_of(args) + 2:
+            # (its first and last 10% of the trials after the first wave must not overlap)
+            p.error(f"--count-lines needs at least {slots_of(args) + 2} trials on {slots_of(args)} slots, "
+                    f"not {args.trials}: give a larger --trials")
         with tempfile.TemporaryDirectory() as root:
             out = run_mode(args, root)
             shutil.rmtree(f"{root}/results", ignore_errors=True)
