@@ -420,45 +420,68 @@ def test_a_resumed_trial_that_was_left_running_is_told_again_with_its_state_and_
     assert list(again.system_attrs["constraints"]) == list(again.user_attrs["constraints"].values())
 
 
-def test_the_saved_searcher_keeps_its_running_trials_only_and_a_restored_one_goes_on(tmp_path):
-    """Tune saves the searcher every few seconds: of a study in a journal, it keeps no study, no
-    storage and no finished trial, so its size does not grow with the trials; restored and bound
-    to the journal, it tells the study the result of the trial that was running."""
+def journal_kind_search(journal: str):
+    """The search's searcher as a driver makes it: New-LLM's study on the laptop space, in ``journal``."""
     from newllm.search.algorithms import NEWLLM, KindSearch, StudySearch, study_sampler
     from newllm.space import load_space
 
     space = load_space(REPO / "search_spaces" / "laptop.yaml")
+    studies = storage.open_storage(journal)
+    study = StudySearch(space=space.params, metric="objective", mode="min", study_name="s", storage=studies,
+                        sampler=study_sampler(0), kind=NEWLLM, learned_nothing=300.0, gate_space=space)
+    search = KindSearch({NEWLLM: study}, space, 300, "objective", "min")
+    search.bind(studies)
+    return search
+
+
+def final_row(n: int) -> dict:
+    """A passed trial's last row, its val perplexity 50 + ``n``, as Tune gives it to the searcher."""
+    return packing.packed({"phase": "final", "node_id": "n", **ended("passed", 50.0 + n)}, ["objective"])
+
+
+def test_the_saved_searcher_keeps_its_running_trials_only_and_a_restored_one_goes_on(tmp_path):
+    """Tune saves the searcher every few seconds: of a study in a journal, it keeps no study, no
+    storage and no finished trial, so its size does not grow with the trials; restored and bound
+    to the journal, it tells the study the result of the trial that was running."""
     journal, saved = str(tmp_path / "optuna.journal"), str(tmp_path / "searcher.pkl")
-
-    def kind_search() -> KindSearch:
-        studies = storage.open_storage(journal)
-        study = StudySearch(space=space.params, metric="objective", mode="min", study_name="s", storage=studies,
-                            sampler=study_sampler(0), kind=NEWLLM, learned_nothing=300.0, gate_space=space)
-        search = KindSearch({NEWLLM: study}, space, 300, "objective", "min")
-        search.bind(studies)
-        return search
-
-    def final(n: int) -> dict:
-        return packing.packed({"phase": "final", "node_id": "n", **ended("passed", 50.0 + n)}, ["objective"])
-
-    search, sizes = kind_search(), {}
+    search, sizes = journal_kind_search(journal), {}
     for n in range(80):
         search.suggest(f"t{n}")
         if n:
-            search.on_trial_complete(f"t{n - 1}", final(n - 1))  # one trial running at a time
+            search.on_trial_complete(f"t{n - 1}", final_row(n - 1))  # one trial running at a time
         if n in (19, 79):
             search.save(saved)
             sizes[n] = os.path.getsize(saved)
     # (the trial ids it proposed and those it told stay: a few bytes each)
     assert sizes[79] - sizes[19] < 60 * 60, sizes
 
-    restored = kind_search()
+    restored = journal_kind_search(journal)
     restored.restore(saved)
-    restored.on_trial_complete("t79", final(79))
+    restored.on_trial_complete("t79", final_row(79))
     restored.suggest("t80")
     trials = optuna.load_study(study_name="s", storage=storage.open_storage(journal)).trials
     assert [t.user_attrs["trial_id"] for t in trials] == [f"t{n}" for n in range(81)]
     assert trials[79].value == 129.0 and trials[80].state == optuna.trial.TrialState.RUNNING
+
+
+def test_a_trial_left_running_by_two_killed_drivers_is_told_once(tmp_path):
+    """Driver 1 is killed while trial a runs; driver 2 finishes it (its result added to the study
+    as a new trial, the left-running one being FAIL) and is killed before Tune saves its searcher;
+    driver 3 restores the searcher driver 1 saved, which still has a running, and is told a's
+    result again (the row landed, or a ran again): the study keeps one result of a."""
+    journal, saved = str(tmp_path / "optuna.journal"), str(tmp_path / "searcher.pkl")
+    first = journal_kind_search(journal)
+    first.suggest("a")
+    first.save(saved)
+    for driver, value in ((2, 60.0), (3, 61.0)):
+        storage.fail_left_running(storage.open_storage(journal), "s")
+        resumed = journal_kind_search(journal)
+        resumed.restore(saved)
+        resumed.on_trial_complete("a", final_row(value - 50.0))
+    trials = optuna.load_study(study_name="s", storage=storage.open_storage(journal)).trials
+    assert [(t.user_attrs["trial_id"], t.state, t.value) for t in trials] == [
+        ("a", optuna.trial.TrialState.FAIL, None), ("a", optuna.trial.TrialState.COMPLETE, 60.0)]
+
 
 def test_a_kind_that_searches_nothing_gets_its_fixed_settings_and_a_study_trial():
     # a baselines section with `params: {}` (its learning rate fixed): Ray's OptunaSearch refuses

@@ -234,8 +234,9 @@ class StudySearch(OptunaSearch):
     The study lives in a storage that outlives the driver. At a resume the study may be ahead of
     the searcher's saved state: a trial that ``fail_left_running`` marked FAIL gets no more
     intermediate values, and its result, when it finishes, is added as a new finished trial with
-    the same parameters and what it would have been told; one that Optuna already has finished
-    is not told twice."""
+    the same parameters and what it would have been told, once (a driver killed after adding it
+    leaves it running in the searcher Tune saved); one that Optuna already has finished is not
+    told twice."""
 
     def __init__(self, *, kind: str, learned_nothing: float, gate_space: SearchSpace | None = None, **optuna_search):
         super().__init__(**optuna_search)
@@ -292,7 +293,8 @@ class StudySearch(OptunaSearch):
                 super().on_trial_complete(trial_id, result, error)
             else:
                 self._tell(trial_id, result, ended)
-        elif ended is not None and self._state(trial_id) == optuna.trial.TrialState.FAIL:
+        elif (ended is not None and self._state(trial_id) == optuna.trial.TrialState.FAIL
+              and not self._added(trial_id)):
             ot_trial = self._ot_trials[trial_id]
             state, values, attrs = self._told(trial_id, result, ended)
             earlier = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
@@ -311,6 +313,14 @@ class StudySearch(OptunaSearch):
             return self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id).state
         except KeyError:
             return None
+
+    def _added(self, trial_id: str) -> bool:
+        """Whether the study has a finished trial for ``trial_id`` already: one that a resumed
+        driver added, then was killed before Tune saved its searcher (which so still has the
+        trial running). A scan of the study, made only for trials a killed driver left running."""
+        told = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return any(t.user_attrs.get("trial_id") == trial_id
+                   for t in self._ot_study.get_trials(deepcopy=False, states=told))
 
     def _tell(self, trial_id: str, result: dict, ended: dict) -> None:
         ot_trial = self._ot_trials[trial_id]
