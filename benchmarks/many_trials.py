@@ -466,7 +466,7 @@ def run_mode(args, root: str) -> dict:
         trainable = tune.with_parameters(replay_trial, recording=recording, metrics=space.metrics,
                                          time_scale=args.time_scale, timings=timings)
         out = measured_search(SearchRun(**base, concurrency=slots, trainable=trainable), space, data, slots,
-                                  timings, args.count_lines)
+                              timings, args.count_lines)
     finally:
         ray.shutdown()
         cluster.shutdown()

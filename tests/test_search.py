@@ -473,11 +473,11 @@ def test_a_trial_left_running_by_two_killed_drivers_is_told_once(tmp_path):
     first = journal_kind_search(journal)
     first.suggest("a")
     first.save(saved)
-    for driver, value in ((2, 60.0), (3, 61.0)):
+    for n in (10, 11):  # drivers 2 and 3 each finish a: val perplexity 60, then 61
         storage.fail_left_running(storage.open_storage(journal), "s")
         resumed = journal_kind_search(journal)
         resumed.restore(saved)
-        resumed.on_trial_complete("a", final_row(value - 50.0))
+        resumed.on_trial_complete("a", final_row(n))
     trials = optuna.load_study(study_name="s", storage=storage.open_storage(journal)).trials
     assert [(t.user_attrs["trial_id"], t.state, t.value) for t in trials] == [
         ("a", optuna.trial.TrialState.FAIL, None), ("a", optuna.trial.TrialState.COMPLETE, 60.0)]
